@@ -1,0 +1,59 @@
+PYTHON ?= python3
+VENV ?= .venv
+CONFIG ?= config.yaml
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CODE := gateway tests demo
+
+.PHONY: install run test lint format redis-server clean
+
+install: $(STAMP)
+
+# Reinstall only when pyproject.toml changes; the editable install picks up code edits by itself.
+$(STAMP): pyproject.toml
+	@if [ ! -x $(BIN)/python ]; then \
+		$(PYTHON) -m venv $(VENV) || { \
+			rm -rf $(VENV); \
+			if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+				apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv && \
+				$(PYTHON) -m venv $(VENV); \
+			else \
+				echo "cannot create $(VENV): install the venv module for $(PYTHON) (Debian: python3-venv)" >&2; \
+				exit 1; \
+			fi; \
+		}; \
+	fi
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+run: install
+	VENV=$(VENV) CONFIG=$(CONFIG) scripts/run-demo.sh
+
+# Integration tests start real redis-server / redis-sentinel processes.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server redis-tools redis-sentinel; \
+		else \
+			echo "redis-server not found: install redis-server, redis-tools and redis-sentinel" >&2; \
+			exit 1; \
+		fi; \
+	}
+
+lint: install
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
+	$(BIN)/mypy --strict gateway
+
+test: install redis-server lint
+	$(BIN)/pytest
+
+format: install
+	$(BIN)/ruff format $(CODE)
+	$(BIN)/ruff check --fix $(CODE)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,7 @@
+"""``python -m gateway``: the same commands as ``impersonation-gateway``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,228 @@
+"""``impersonation-gateway``: serve, load the directory, generate a signing key, read the audit stream."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .assertion import generate_key_file
+from .config import Config, ConfigError, load_config
+from .directory import DirectoryError, load_directory_file
+from .logging import configure_logging
+from .store import Store, connect
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, ConfigError, DirectoryError) as exc:
+        print(f"impersonation-gateway: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="impersonation-gateway", description="A 'log in as customer' gateway.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    _config_arg(serve)
+    serve.add_argument("--host", help="listen address (default: server.host)")
+    serve.add_argument("--port", type=int, help="listen port (default: server.port)")
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    serve.add_argument("--dev", action="store_true", help="console log lines instead of JSON")
+    serve.set_defaults(func=_serve)
+
+    directory = sub.add_parser("directory", help="manage the directory in the store")
+    dsub = directory.add_subparsers(dest="action", required=True, metavar="ACTION")
+    load = dsub.add_parser("load", help="replace the apps in FILE with its data, atomically per app")
+    load.add_argument("file", metavar="FILE", type=Path)
+    _config_arg(load)
+    load.set_defaults(func=_directory_load)
+
+    keys = sub.add_parser("keys", help="manage assertion signing keys")
+    ksub = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    generate = ksub.add_parser("generate", help="write a new Ed25519 private key (PEM, PKCS#8) to FILE")
+    generate.add_argument("file", metavar="FILE", type=Path)
+    generate.set_defaults(func=_keys_generate)
+
+    audit = sub.add_parser("audit", help="read the audit stream")
+    asub = audit.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tail = asub.add_parser("tail", help="print the latest audit events as JSON lines")
+    _config_arg(tail)
+    tail.add_argument("-n", type=int, default=20, help="how many past events (default 20)")
+    tail.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    tail.set_defaults(func=_audit_tail)
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
+
+
+# -- serve --------------------------------------------------------------------------------------------
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    host = args.host or config.server.host
+    port = config.server.port if args.port is None else args.port
+    if args.workers < 1:
+        raise CliError("--workers: must be 1 or more")
+    if args.workers > 1 and config.store.url == "embedded":
+        raise CliError(
+            "store.url is 'embedded', which lives inside one process: --workers > 1 needs a shared Redis "
+            "(set store.url or GATEWAY_REDIS_URL to a redis:// URL)"
+        )
+    if args.workers > 1 and config.assertion.private_key_file is None:
+        raise CliError("--workers > 1 needs assertion.private_key_file: every worker must sign with the same key")
+    _check_key(config)
+    if args.workers == 1:
+        run_worker(config, host, port, False, args.dev)
+        return 0
+    spawn = multiprocessing.get_context("spawn")
+    workers = [spawn.Process(target=run_worker, args=(config, host, port, True, args.dev)) for _ in range(args.workers)]
+    for worker in workers:
+        worker.start()
+
+    def stop(signum: int, frame: Any) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                worker.terminate()  # SIGTERM: each worker drains its own requests
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for worker in workers:
+        worker.join()
+    return max((w.exitcode or 0) for w in workers)
+
+
+def _check_key(config: Config) -> None:
+    from .assertion import load_key
+
+    if config.assertion.private_key_file is not None:
+        try:
+            load_key(config.assertion.private_key_file)
+        except ValueError as exc:
+            raise CliError(f"assertion.private_key_file: {exc}") from None
+
+
+def run_worker(config: Config, host: str, port: int, reuse_port: bool, dev: bool) -> None:
+    """Run one gateway process until SIGTERM/SIGINT, then drain in-flight requests and exit."""
+    from aiohttp import web
+
+    from .app import create_app
+
+    configure_logging(json=not dev)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        pass
+    web.run_app(
+        create_app(config),
+        host=host,
+        port=port,
+        reuse_port=reuse_port or None,
+        shutdown_timeout=config.server.drain_seconds,
+        access_log=None,
+        print=None,
+        handle_signals=True,
+    )
+
+
+# -- directory, keys, audit ---------------------------------------------------------------------------
+def _store_for(config: Config, what: str) -> Store:
+    if config.store.url == "embedded":
+        raise CliError(
+            f"store.url is 'embedded' (inside the serving process): {what} needs a shared Redis; "
+            "set store.url or GATEWAY_REDIS_URL, or set directory.file so the gateway loads it at start-up"
+        )
+    return Store(
+        connect(config.store.url, config.store.timeout_seconds), config.store.prefix, config.store.timeout_seconds
+    )
+
+
+def _directory_load(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    apps = load_directory_file(args.file)
+    known = {a.name for a in config.apps}
+    for name in apps:
+        if name not in known:
+            raise CliError(f"{args.file}: apps.{name} is not an app of the config ({', '.join(sorted(known))})")
+    store = _store_for(config, "directory load")
+
+    async def load() -> int:
+        try:
+            return await store.load_directory(apps)
+        finally:
+            await store.close()
+
+    try:
+        generation = asyncio.run(load())
+    except Exception as exc:
+        raise CliError(f"cannot reach the store at {config.store.url}: {type(exc).__name__}") from None
+    counts = ", ".join(f"{n} ({len(d.principals)} principals, {len(d.subjects)} subjects)" for n, d in apps.items())
+    print(f"loaded {counts}; directory generation {generation}")
+    return 0
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    try:
+        generate_key_file(args.file)
+    except FileExistsError:
+        raise CliError(f"{args.file} exists: refusing to overwrite a signing key") from None
+    except OSError as exc:
+        raise CliError(f"cannot write {args.file}: {exc.strerror}") from None
+    print(f"wrote a new Ed25519 private key to {args.file}")
+    return 0
+
+
+def _audit_tail(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    store = _store_for(config, "audit tail")
+
+    async def tail() -> None:
+        try:
+            entries: list[Any] = list(await store.redis.xrevrange(store.audit_key, count=max(args.n, 0)) or [])
+            last: Any = "$"
+            for entry_id, fields in reversed(entries):
+                _print_event(entry_id, fields)
+                last = entry_id
+            while args.follow:
+                for entry_id, fields in await store.read_audit(last, block_ms=5000):
+                    _print_event(entry_id, fields)
+                    last = entry_id
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:
+        raise CliError(f"cannot read the audit stream at {config.store.url}: {type(exc).__name__}") from None
+    return 0
+
+
+def _print_event(entry_id: Any, fields: dict[Any, Any]) -> None:
+    def text(v: Any) -> str:
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    record = {"id": text(entry_id), **{text(k): text(v) for k, v in fields.items()}}
+    sys.stdout.write(orjson.dumps(record).decode() + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,282 @@
+"""Configuration: ``config.yaml`` plus environment overrides, loaded once into frozen dataclasses.
+
+Every key is checked at start-up; an unknown key or a bad value raises :class:`ConfigError` with a
+message that names the key (``store.timeout_seconds: expected a number, got 'soon'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+DIALECTS = ("activeplatform", "pyramid", "denovolab", "btcdirect")
+
+# Roles that may mint when an app does not say (DESIGN §5).
+DEFAULT_MINT_ROLES: dict[str, tuple[str, ...]] = {
+    "activeplatform": ("admin", "owner"),
+    "pyramid": ("enterprise_admin", "domain_admin"),
+    "denovolab": ("admin",),
+    "btcdirect": ("partner",),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str()`` is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = "http://127.0.0.1:8080"
+    trusted_proxies: tuple[str, ...] = ()
+    body_limit_bytes: int = 65536
+    drain_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = "embedded"
+    prefix: str = "igw:"
+    timeout_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    file: Path | None = None
+    refresh_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class AssertionConfig:
+    private_key_file: Path | None = None
+    ttl_seconds: int = 30
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """Failed credentials allowed per window, per client address and per credential fingerprint."""
+
+    failures: int = 20
+    window_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    name: str
+    dialect: str
+    upstream: str
+    grant_ttl_seconds: int = 60
+    mount: str = ""
+    hosts: tuple[str, ...] = ()
+    public_url: str | None = None
+    mint_roles: tuple[str, ...] = ()
+    redeem_on_get: bool = False
+
+    @property
+    def roles_allowed_to_mint(self) -> tuple[str, ...]:
+        return self.mint_roles or DEFAULT_MINT_ROLES[self.dialect]
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    assertion: AssertionConfig = field(default_factory=AssertionConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    apps: tuple[AppConfig, ...] = ()
+
+    def app(self, name: str) -> AppConfig:
+        for app in self.apps:
+            if app.name == name:
+                return app
+        raise KeyError(name)
+
+    def public_url_of(self, app: AppConfig) -> str:
+        return (app.public_url or self.server.public_url).rstrip("/")
+
+
+ENV_OVERRIDES = {
+    "GATEWAY_REDIS_URL": ("store", "url"),
+    "GATEWAY_HOST": ("server", "host"),
+    "GATEWAY_PORT": ("server", "port"),
+    "GATEWAY_PUBLIC_URL": ("server", "public_url"),
+}
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the config file (``path``, else ``$GATEWAY_CONFIG``, else ``./config.yaml``) and apply env overrides."""
+    env = os.environ if env is None else env
+    path = Path(path or env.get("GATEWAY_CONFIG") or "config.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    return config_from_dict(raw or {}, base_dir=path.resolve().parent, env=env)
+
+
+def config_from_dict(raw: Any, *, base_dir: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Build and validate a :class:`Config` from plain data (as parsed from YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config: expected a mapping at the top level")
+    raw = {**raw}
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if env and var in env:
+            section_data = raw.get(section) or {}
+            if not isinstance(section_data, dict):
+                raise ConfigError(f"{section}: expected a mapping")
+            value: Any = env[var]
+            if key == "port":
+                value = _env_int(var, value)
+            raw[section] = {**section_data, key: value}
+    apps_raw = raw.pop("apps", None) or {}
+    if not isinstance(apps_raw, dict):
+        raise ConfigError("apps: expected a mapping of app name to settings")
+    base = _build(Config, raw, "")
+    apps = []
+    for name, settings in apps_raw.items():
+        if not isinstance(settings, dict):
+            raise ConfigError(f"apps.{name}: expected a mapping")
+        apps.append(_build(AppConfig, {**settings, "name": str(name)}, f"apps.{name}."))
+    config: Config = dataclasses.replace(base, apps=tuple(apps))
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
+    _validate(config)
+    return config
+
+
+def _env_int(var: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{var}: expected an integer, got {value!r}") from None
+
+
+def _build(cls: type[Any], data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            values[f.name] = _coerce(hints[f.name], data[f.name], f"{prefix}{f.name}")
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(hint, value, f"{key}.")
+    if origin is tuple:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a file path, got {value!r}")
+        return Path(value)
+    raise ConfigError(f"{key}: unsupported setting")  # pragma: no cover - a bug in the dataclasses above
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    def resolve(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else base_dir / p)
+
+    return dataclasses.replace(
+        config,
+        directory=dataclasses.replace(config.directory, file=resolve(config.directory.file)),
+        assertion=dataclasses.replace(config.assertion, private_key_file=resolve(config.assertion.private_key_file)),
+    )
+
+
+def _check_url(key: str, url: str, schemes: tuple[str, ...]) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not parts.netloc:
+        raise ConfigError(f"{key}: expected an absolute {'/'.join(schemes)} URL, got {url!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be greater than 0, got {value!r}")
+
+
+def _validate(config: Config) -> None:
+    s = config.server
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"server.port: expected 0-65535, got {s.port}")
+    _check_url("server.public_url", s.public_url, ("http", "https"))
+    for i, cidr in enumerate(s.trusted_proxies):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"server.trusted_proxies[{i}]: not a CIDR: {cidr!r}") from None
+    _positive("server.body_limit_bytes", s.body_limit_bytes)
+    _positive("server.drain_seconds", s.drain_seconds)
+    url = config.store.url
+    if url != "embedded" and urlsplit(url).scheme not in ("redis", "rediss", "redis+sentinel", "rediss+sentinel"):
+        raise ConfigError(
+            f"store.url: expected 'embedded' or a redis://, rediss:// or redis+sentinel:// URL, got {url!r}"
+        )
+    if not config.store.prefix:
+        raise ConfigError("store.prefix: must not be empty")
+    _positive("store.timeout_seconds", config.store.timeout_seconds)
+    _positive("directory.refresh_seconds", config.directory.refresh_seconds)
+    _positive("assertion.ttl_seconds", config.assertion.ttl_seconds)
+    _positive("rate_limit.failures", config.rate_limit.failures)
+    _positive("rate_limit.window_seconds", config.rate_limit.window_seconds)
+    for app in config.apps:
+        key = f"apps.{app.name}"
+        if app.dialect not in DIALECTS:
+            raise ConfigError(f"{key}.dialect: expected one of {', '.join(DIALECTS)}, got {app.dialect!r}")
+        _check_url(f"{key}.upstream", app.upstream, ("http", "https"))
+        _positive(f"{key}.grant_ttl_seconds", app.grant_ttl_seconds)
+        if app.mount and (not app.mount.startswith("/") or app.mount.endswith("/")):
+            raise ConfigError(f"{key}.mount: expected '' or a path like '/crm' (no trailing slash), got {app.mount!r}")
+        if app.public_url is not None:
+            _check_url(f"{key}.public_url", app.public_url, ("http", "https"))

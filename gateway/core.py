@@ -1,0 +1,373 @@
+"""The one impersonation path every dialect goes through.
+
+A dialect turns a vendor request into an :class:`ImpersonationCommand`; :class:`Gateway` authenticates
+the actor against the directory, applies policy, and mints a grant through the store. A browser coming
+back with the grant in a :class:`Carrier` is redeemed here too: the grant is consumed atomically, the
+policy checked again, and a signed assertion made for the downstream app. Nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from .assertion import Signer
+from .config import AppConfig, Config
+from .directory import AppDirectory, Principal, Subject, credential_hash, load_directory_file
+from .errors import Forbidden, GrantRefused, Invalid, NotFound, RateLimited, Unauthenticated
+from .metrics import Metrics
+from .store import Store
+
+log = structlog.get_logger("gateway")
+
+
+@dataclass(frozen=True)
+class SubjectRef:
+    """How a command names its subject; a dialect fills the keys its vendor uses."""
+
+    id: str | None = None  # account_id, client_id
+    identity: str | None = None  # a user name, UPN or e-mail
+    domain: str | None = None  # narrows ``identity``
+    identifier: str | None = None  # a partner's identifier for the user
+    token: str | None = None  # the user's own token
+
+
+@dataclass(frozen=True)
+class ImpersonationCommand:
+    """One request to mint a grant, whatever dialect it came in."""
+
+    app: str
+    dialect: str
+    credential: str | None  # the actor's credential as presented; None when it was missing
+    target: SubjectRef
+    client: str
+    reseller: str | None = None  # the reseller the request acts through (ActivePlatform's path)
+    custom_data: Any = None
+    bind: tuple[str, ...] = ()  # subject fields that must come back with the grant (e.g. "email")
+    extra_scopes: tuple[str, ...] = ()  # further grants for the same subject, each with its own scope
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A single-use right to act as ``subject`` in ``app``; stored as JSON under the hash of its token."""
+
+    id: str
+    app: str
+    dialect: str
+    subject: str
+    actor: str
+    role: str
+    actor_key: str  # a prefix of the actor's credential hash: rotation or removal revokes the grant
+    issued_at: int
+    expires_at: int
+    email: str | None = None
+    custom_data: Any = None
+    scope: str | None = None
+    bound: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({k: v for k, v in asdict(self).items() if v is not None and v != {}})
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Grant:
+        return cls(**orjson.loads(data))
+
+
+@dataclass(frozen=True)
+class MintResult:
+    token: str
+    grant: Grant
+    subject: Subject
+    extra: Mapping[str, tuple[str, Grant]] = field(default_factory=dict)  # scope -> (token, grant)
+
+
+@dataclass(frozen=True)
+class Carrier:
+    """Where a request holds a grant token, and what to remove before forwarding it."""
+
+    token: str
+    bound: Mapping[str, str] = field(default_factory=dict)  # values that must match the grant's
+    query: tuple[str, ...] = ()
+    cookies: tuple[str, ...] = ()
+    headers: tuple[str, ...] = ()
+    body_fields: tuple[str, ...] = ()
+    browser: bool = True  # arrives by following a link: subject to scanner-safe redemption
+    passive: bool = False  # may hold the app's own credential instead: a miss is not a redemption
+
+
+@dataclass(frozen=True)
+class Redemption:
+    app: str
+    grant: Grant
+    carrier: Carrier
+    assertion: str
+
+
+class DirectoryCache:
+    """This process's copy of the directory, refreshed when the store's generation moves.
+
+    When the store has no directory at all (Redis restarted empty, a flush) and a directory file is
+    configured, the file is loaded again, so the gateway heals without a restart.
+    """
+
+    def __init__(self, store: Store, apps: Sequence[str], file: Path | None) -> None:
+        self.store = store
+        self.apps = list(apps)
+        self.file = file
+        self.generation: int | None = None
+        self._directories: dict[str, AppDirectory] = {}
+        self._lock = asyncio.Lock()
+
+    def get(self, app: str) -> AppDirectory:
+        return self._directories.get(app) or AppDirectory(app=app)
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            generation = await self.store.generation()
+            if generation is None and self.file is not None:
+                generation = await self.store.load_directory(load_directory_file(self.file))
+                log.info("directory_loaded", file=str(self.file), generation=generation)
+            if generation != self.generation or generation is None:
+                self.generation, self._directories = await self.store.read_directory(self.apps)
+
+
+def fingerprint(secret: str) -> str:
+    """A short, non-reversible name for a token or credential, safe to log."""
+    return credential_hash(secret)[:12]
+
+
+class Gateway:
+    """Mints and redeems grants. One per process; every method is safe to call concurrently."""
+
+    def __init__(self, config: Config, store: Store, signer: Signer, metrics: Metrics) -> None:
+        self.config = config
+        self.store = store
+        self.signer = signer
+        self.metrics = metrics
+        self.directory = DirectoryCache(store, [a.name for a in config.apps], config.directory.file)
+        self._blocked: dict[str, float] = {}  # failure key -> monotonic time its block ends
+
+    # -- minting ------------------------------------------------------------------------------------
+    async def mint(self, cmd: ImpersonationCommand) -> MintResult:
+        """Authenticate, authorise and store a grant (plus one per extra scope) in one round trip.
+
+        Raises Unauthenticated, Forbidden, NotFound, Invalid, RateLimited or StoreUnavailable.
+        """
+        app = self.config.app(cmd.app)
+        try:
+            principal, subject = await self._authorise(app, cmd)
+        except (Unauthenticated, Forbidden, NotFound, Invalid) as exc:
+            self.metrics.refused.labels(app.name, app.dialect, type(exc).__name__.lower()).inc()
+            log.info("mint_refused", audit=True, app=app.name, dialect=app.dialect, client=cmd.client,
+                     error=type(exc).__name__, reason=_reason(exc))  # fmt: skip
+            raise
+        now = int(time.time())
+        token, grant = self._new_grant(app, cmd, principal, subject, now, scope=None)
+        extra = {scope: self._new_grant(app, cmd, principal, subject, now, scope=scope) for scope in cmd.extra_scopes}
+        event = {
+            "event": "grant_minted",
+            "grant_id": grant.id,
+            "app": app.name,
+            "dialect": app.dialect,
+            "actor": principal.id,
+            "subject": subject.id,
+            "client": cmd.client,
+        }
+        ttl_ms = app.grant_ttl_seconds * 1000
+        await self.store.put_grants(
+            [(credential_hash(t), g.to_json(), ttl_ms) for t, g in [(token, grant), *extra.values()]], event
+        )
+        self.metrics.minted.labels(app.name, app.dialect).inc(1 + len(extra))
+        log.info(audit=True, role=principal.role, expires_at=grant.expires_at, **event)
+        return MintResult(token=token, grant=grant, subject=subject, extra=extra)
+
+    def _new_grant(
+        self, app: AppConfig, cmd: ImpersonationCommand, principal: Principal, subject: Subject, now: int,
+        scope: str | None,
+    ) -> tuple[str, Grant]:  # fmt: skip
+        bound = {name: str(getattr(subject, name)) for name in cmd.bind if getattr(subject, name) is not None}
+        grant = Grant(
+            id=secrets.token_urlsafe(12),
+            app=app.name,
+            dialect=app.dialect,
+            subject=subject.id,
+            actor=principal.id,
+            role=principal.role,
+            actor_key=principal.credential_sha256[:16],
+            issued_at=now,
+            expires_at=now + app.grant_ttl_seconds,
+            email=subject.email,
+            custom_data=cmd.custom_data,
+            scope=scope,
+            bound=bound,
+        )
+        return secrets.token_urlsafe(24), grant  # 192 random bits
+
+    async def _authorise(self, app: AppConfig, cmd: ImpersonationCommand) -> tuple[Principal, Subject]:
+        if cmd.credential is None:
+            raise Unauthenticated("missing")
+        self._check_blocked(cmd)
+        directory = self.directory.get(app.name)
+        principal = directory.principal(credential_hash(cmd.credential))
+        if principal is None:
+            await self._record_failure(cmd)
+            raise Unauthenticated("unknown")
+        if principal.role not in app.roles_allowed_to_mint:
+            raise Forbidden("role")
+        reseller = cmd.reseller
+        if principal.reseller is not None or reseller is not None:
+            # ActivePlatform: the path reseller must be the principal's or downstream of it, and the
+            # account must belong to the path reseller's subtree.
+            reseller = reseller or principal.reseller
+            assert reseller is not None
+            if not directory.reseller_exists(reseller):
+                raise NotFound("reseller")
+            if principal.reseller is None or not directory.within(reseller, principal.reseller):
+                raise Forbidden("scope")
+        subject = self._resolve(directory, cmd.target)
+        if reseller is not None and not directory.within(subject.reseller, reseller):
+            raise NotFound("subject")
+        if principal.domain is not None and not _same_domain(subject.domain, principal.domain):
+            raise Forbidden("scope")
+        return principal, subject
+
+    @staticmethod
+    def _resolve(directory: AppDirectory, ref: SubjectRef) -> Subject:
+        if ref.id is not None:
+            found = directory.subject(ref.id)
+            if found is None:
+                raise NotFound("subject", "id")
+            return found
+        if ref.identity is not None:
+            matches = directory.subjects_by_identity(ref.identity, ref.domain)
+            if not matches:
+                raise NotFound("subject", "identity")
+            if len(matches) > 1:
+                raise Invalid("identity", "ambiguous")
+            return matches[0]
+        by_token = None
+        if ref.token is not None:
+            by_token = directory.subject_by_token(credential_hash(ref.token))
+            if by_token is None:
+                raise NotFound("subject", "token")
+        if ref.identifier is not None:
+            by_identifier = directory.subject_by_identifier(ref.identifier)
+            if by_identifier is None:
+                raise NotFound("subject", "identifier")
+            if by_token is not None and by_token.id != by_identifier.id:
+                raise Invalid("identifier", "mismatch")
+            return by_identifier
+        if by_token is not None:
+            return by_token
+        raise Invalid("subject", "missing")
+
+    # -- failed-credential limits -------------------------------------------------------------------
+    def _failure_keys(self, cmd: ImpersonationCommand) -> list[tuple[str, str]]:
+        keys = [("client", cmd.client)]
+        if cmd.credential:
+            keys.append(("credential", fingerprint(cmd.credential)))
+        return keys
+
+    def _check_blocked(self, cmd: ImpersonationCommand) -> None:
+        now = time.monotonic()
+        for kind, value in self._failure_keys(cmd):
+            until = self._blocked.get(f"{kind}:{value}")
+            if until is not None:
+                if until > now:
+                    raise RateLimited(max(1, int(until - now + 0.999)))
+                del self._blocked[f"{kind}:{value}"]
+
+    async def _record_failure(self, cmd: ImpersonationCommand) -> None:
+        """Count a failed credential in Redis (shared by every process); over the limit, block locally.
+
+        Only failures cost a round trip: the counters are shared, so each process learns of a block at
+        the next failure it sees, and a good credential never waits on Redis for this.
+        """
+        limits = self.config.rate_limit
+        keys = self._failure_keys(cmd)
+        counts = await self.store.record_failure(keys, limits.window_seconds)
+        for (kind, value), count in zip(keys, counts, strict=True):
+            if count >= limits.failures:
+                self._blocked[f"{kind}:{value}"] = time.monotonic() + limits.window_seconds
+                log.warning("credential_rate_limited", audit=True, kind=kind, client=cmd.client, app=cmd.app)
+
+    # -- redemption ---------------------------------------------------------------------------------
+    async def redeem(self, token: str, offers: Mapping[str, Carrier], client: str) -> Redemption | None:
+        """Consume the grant behind ``token`` for one of the apps in ``offers`` (app name -> the carrier its
+        dialect found) and sign an assertion for it.
+
+        Unknown, expired, reused, mismatched or revoked grants all raise the same GrantRefused (its reason
+        is for logs and metrics); a miss on passive carriers only returns None (not a redemption).
+        """
+        consumed = await self.store.consume(credential_hash(token))
+        first = self.config.app(next(iter(offers)))
+        if consumed.grant is None:
+            if all(c.passive for c in offers.values()):
+                return None
+            self._refuse(first, "unknown", client)
+        assert consumed.grant is not None
+        grant = Grant.from_json(consumed.grant)
+        if consumed.state == "reused":
+            self.metrics.reused.labels(grant.app).inc()
+            log.warning("grant_reused", audit=True, grant_id=grant.id, app=grant.app, actor=grant.actor,
+                        subject=grant.subject, dialect=grant.dialect, client=client)  # fmt: skip
+            self._refuse(first, "reused", client, grant)
+        carrier = offers.get(grant.app)
+        app = self.config.app(grant.app) if grant.app in offers else first
+        if carrier is None or app.dialect != grant.dialect:
+            self._refuse(app, "wrong_app", client, grant)
+        assert carrier is not None
+        if dict(carrier.bound) != dict(grant.bound):
+            self._refuse(app, "mismatch", client, grant)
+        now = int(time.time())
+        if grant.expires_at < now:
+            self._refuse(app, "expired", client, grant)
+        directory = self.directory.get(app.name)
+        principal = directory.principal_by_id(grant.actor)
+        if (
+            principal is None
+            or principal.credential_sha256[:16] != grant.actor_key
+            or principal.role not in app.roles_allowed_to_mint
+            or directory.subject(grant.subject) is None
+        ):
+            self._refuse(app, "revoked", client, grant)
+        claims: dict[str, Any] = {
+            "aud": app.name,
+            "sub": grant.subject,
+            "act": {"sub": grant.actor, "role": grant.role},
+            "jti": grant.id,
+            "dialect": grant.dialect,
+        }
+        for key, value in (("email", grant.email), ("custom_data", grant.custom_data), ("scope", grant.scope)):
+            if value is not None:
+                claims[key] = value
+        assertion = self.signer.sign(claims, now)
+        event = {"event": "grant_redeemed", "grant_id": grant.id, "app": app.name, "dialect": app.dialect,
+                 "actor": grant.actor, "subject": grant.subject, "client": client}  # fmt: skip
+        await self.store.append_audit(event)  # fails closed: no audit, no hand-off
+        self.metrics.redeemed.labels(app.name, app.dialect).inc()
+        log.info(audit=True, **event)
+        return Redemption(app=app.name, grant=grant, carrier=carrier, assertion=assertion)
+
+    def _refuse(self, app: AppConfig, reason: str, client: str, grant: Grant | None = None) -> None:
+        self.metrics.refused.labels(app.name, app.dialect, reason).inc()
+        details = {} if grant is None else {"grant_id": grant.id, "actor": grant.actor, "subject": grant.subject}
+        log.info("grant_refused", audit=True, app=app.name, dialect=app.dialect, reason=reason, client=client,
+                 **details)  # fmt: skip
+        raise GrantRefused(reason)
+
+
+def _reason(exc: Exception) -> str:
+    return str(getattr(exc, "reason", None) or getattr(exc, "what", ""))
+
+
+def _same_domain(held: str | None, domain: str) -> bool:
+    return held is not None and held.casefold() == domain.casefold()

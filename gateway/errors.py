@@ -1,0 +1,97 @@
+"""The gateway's error hierarchy.
+
+Core raises these; each dialect renders every one of them in its vendor's shape::
+
+    GatewayError
+    ├── Invalid            400  a request field is missing or malformed
+    ├── Unauthenticated    401  the actor's credential is missing or unknown
+    ├── Forbidden          403  the actor may not mint this grant
+    ├── NotFound           404  the subject (or the reseller in the path) does not exist
+    ├── GrantRefused       401  a redemption failed (unknown, expired, used, mismatched: one answer)
+    ├── PayloadTooLarge    413  the request body is over the configured limit
+    ├── RateLimited        429  too many failed credentials from this client or for this credential
+    └── StoreUnavailable   503  Redis did not answer in time
+
+Exceptions carry fields, not prose: a dialect turns them into its own texts.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error a dialect knows how to render."""
+
+    status = 500
+
+
+class Invalid(GatewayError):
+    """``field`` is missing (``reason="missing"``) or has a bad value (``reason="type"`` / ``"value"``)."""
+
+    status = 400
+
+    def __init__(self, field: str, reason: str = "missing") -> None:
+        super().__init__(field, reason)
+        self.field = field
+        self.reason = reason
+
+
+class Unauthenticated(GatewayError):
+    """The credential named ``credential`` is ``"missing"``, ``"unknown"`` or ``"ambiguous"``."""
+
+    status = 401
+
+    def __init__(self, reason: str = "unknown", credential: str = "actor") -> None:
+        super().__init__(reason, credential)
+        self.reason = reason
+        self.credential = credential
+
+
+class Forbidden(GatewayError):
+    """The actor is known but ``reason`` (``"role"`` or ``"scope"``) forbids this grant."""
+
+    status = 403
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NotFound(GatewayError):
+    """``what`` (``"subject"`` or ``"reseller"``) looked up ``by`` one of its keys does not exist."""
+
+    status = 404
+
+    def __init__(self, what: str, by: str = "id") -> None:
+        super().__init__(what, by)
+        self.what = what
+        self.by = by
+
+
+class GrantRefused(GatewayError):
+    """A redemption failed. ``reason`` is for logs and metrics only, never shown to the caller."""
+
+    status = 401
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+class RateLimited(GatewayError):
+    status = 429
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+class StoreUnavailable(GatewayError):
+    status = 503

@@ -1,0 +1,234 @@
+"""Every Redis key and command the gateway uses.
+
+Keys (all under ``store.prefix``; ``{...}`` is a Redis Cluster hash tag)::
+
+    grant:{<sha256 of token>}     a live grant, JSON, PX = grant TTL          SET NX PX / GETDEL
+    used:{<sha256 of token>}      tombstone of a redeemed grant (reuse alarm)  SET PX, in the redeem script
+    {directory}:app:<app>         one app's directory, JSON                    SET in MULTI, MGET
+    {directory}:generation        bumped on every directory load               INCR in MULTI, GET
+    audit                         bounded stream of mint/redeem events         XADD MAXLEN ~
+    fail:<kind>:<fingerprint>     failed-credential counters                   INCR + EXPIRE
+
+A grant and its tombstone share a hash tag, so the redeem script touches one slot; the directory keys
+share another, so a load is one transaction even on a Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from .directory import AppDirectory
+from .errors import StoreUnavailable
+
+AUDIT_MAXLEN = 100_000
+TOMBSTONE_MS = 24 * 3600 * 1000  # a reused link is worth an alarm for a day after its redemption
+
+# GETDEL the grant and, in the same atomic step, leave a tombstone holding it; on a miss, return the
+# tombstone so the caller can tell "reused" from "unknown or expired" (for logs only).
+_REDEEM = """
+local grant = redis.call('GETDEL', KEYS[1])
+if grant then
+  redis.call('SET', KEYS[2], grant, 'PX', ARGV[1])
+  return {1, grant}
+end
+local tomb = redis.call('GET', KEYS[2])
+if tomb then return {2, tomb} end
+return {0, false}
+"""
+
+AnyRedis = aioredis.Redis | RedisCluster
+
+
+def connect(url: str, timeout: float) -> AnyRedis:
+    """A client for ``url``: ``embedded`` (fakeredis, this process only), ``redis[s]://``,
+    ``redis[s]+sentinel://host:port[,host:port]/service`` or ``redis[s]+cluster://host:port``.
+
+    Timeouts are bounded and retries off, so a dead Redis costs a caller at most ``timeout`` per call.
+    """
+    opts: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+    if url == "embedded":
+        import fakeredis  # only the zero-setup development store needs it
+
+        return fakeredis.FakeAsyncRedis()
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if scheme.endswith("+cluster"):
+        base = url.replace("+cluster", "", 1)
+        return RedisCluster.from_url(base, socket_timeout=timeout, socket_connect_timeout=timeout)
+    if scheme.endswith("+sentinel"):
+        hosts = []
+        for hostport in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = hostport.partition(":")
+            hosts.append((host, int(port or 26379)))
+        service = parts.path.strip("/") or "mymaster"
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        ssl = scheme.startswith("rediss")
+        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": timeout}, ssl=ssl, **opts)  # type: ignore[no-untyped-call]
+        master: aioredis.Redis = sentinel.master_for(
+            service, password=parts.password or query.get("password"), db=int(query.get("db", 0))
+        )
+        return master
+    return aioredis.Redis.from_url(url, **opts)
+
+
+@dataclass(frozen=True)
+class Consumed:
+    """What the redeem script found: ``state`` is ``"redeemed"``, ``"reused"`` or ``"unknown"``."""
+
+    state: str
+    grant: bytes | None = None
+
+
+def _fields(event: Mapping[str, str]) -> dict[Any, Any]:
+    return dict(event)
+
+
+class Store:
+    """The gateway's Redis operations, one round trip each unless said otherwise."""
+
+    def __init__(self, redis: AnyRedis, prefix: str, timeout: float = 1.0) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.timeout = timeout
+        self._redeem = redis.register_script(_REDEEM)
+
+    # -- keys ---------------------------------------------------------------------------------------
+    def grant_key(self, token_hash: str) -> str:
+        return f"{self.prefix}grant:{{{token_hash}}}"
+
+    def tombstone_key(self, token_hash: str) -> str:
+        return f"{self.prefix}used:{{{token_hash}}}"
+
+    def directory_key(self, app: str) -> str:
+        return f"{self.prefix}{{directory}}:app:{app}"
+
+    @property
+    def generation_key(self) -> str:
+        return f"{self.prefix}{{directory}}:generation"
+
+    @property
+    def audit_key(self) -> str:
+        return f"{self.prefix}audit"
+
+    def failure_key(self, kind: str, fingerprint: str) -> str:
+        return f"{self.prefix}fail:{kind}:{fingerprint}"
+
+    # -- plumbing -----------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def _call(self) -> AsyncIterator[None]:
+        """Bound a store call in time and turn every Redis failure into :class:`StoreUnavailable`."""
+        try:
+            async with asyncio.timeout(self.timeout * 1.5):
+                yield
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable() from exc
+
+    async def ping(self) -> bool:
+        try:
+            async with self._call():
+                return bool(await self.redis.ping())
+        except StoreUnavailable:
+            return False
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # -- grants -------------------------------------------------------------------------------------
+    async def put_grants(self, grants: Iterable[tuple[str, bytes, int]], audit: Mapping[str, str]) -> None:
+        """Store each ``(token_hash, grant_json, ttl_ms)`` with ``SET NX PX`` and append ``audit`` to the stream,
+        all in one pipeline (one round trip).
+
+        Audit fails closed: if the append fails, the grants just stored are deleted and the call raises
+        :class:`StoreUnavailable`, so no grant is handed out unaudited.
+        """
+        grants = list(grants)
+        async with self._call():
+            pipe = self.redis.pipeline(transaction=False)
+            for token_hash, value, ttl_ms in grants:
+                pipe.set(self.grant_key(token_hash), value, nx=True, px=ttl_ms)
+            pipe.xadd(self.audit_key, _fields(audit), maxlen=AUDIT_MAXLEN, approximate=True)
+            results = await pipe.execute(raise_on_error=False)
+            if any(r is not True for r in results[:-1]) or isinstance(results[-1], Exception):
+                # A collision of 128+ random bits is not going to happen; a failed audit append can.
+                await self.redis.delete(*(self.grant_key(h) for h, _, _ in grants))
+                raise StoreUnavailable()
+
+    async def consume(self, token_hash: str) -> Consumed:
+        """Atomically take the grant (GETDEL) and leave its tombstone: one script, one round trip."""
+        async with self._call():
+            state, value = await self._redeem(
+                keys=[self.grant_key(token_hash), self.tombstone_key(token_hash)], args=[TOMBSTONE_MS]
+            )
+        return Consumed({1: "redeemed", 2: "reused"}.get(int(state), "unknown"), value or None)
+
+    async def append_audit(self, event: Mapping[str, str]) -> None:
+        async with self._call():
+            await self.redis.xadd(self.audit_key, _fields(event), maxlen=AUDIT_MAXLEN, approximate=True)
+
+    async def read_audit(self, last_id: str = "0", count: int = 100, block_ms: int | None = None) -> list[Any]:
+        """Audit entries after ``last_id`` as ``[(id, {field: value})]`` (``block_ms`` waits for new ones)."""
+        result: Any = await self.redis.xread({self.audit_key: last_id}, count=count, block=block_ms)
+        return list(result[0][1]) if result else []
+
+    # -- failed credentials -------------------------------------------------------------------------
+    async def failures(self, keys: Iterable[tuple[str, str]]) -> list[int]:
+        """Current failure counts for each ``(kind, fingerprint)``."""
+        names = [self.failure_key(k, f) for k, f in keys]
+        async with self._call():
+            pipe = self.redis.pipeline(transaction=False)
+            for name in names:
+                pipe.get(name)
+            return [int(v or 0) for v in await pipe.execute()]
+
+    async def record_failure(self, keys: Iterable[tuple[str, str]], window_s: int) -> list[int]:
+        """Count one failed credential against each ``(kind, fingerprint)``; the window starts at the first."""
+        names = [self.failure_key(k, f) for k, f in keys]
+        async with self._call():
+            pipe = self.redis.pipeline(transaction=False)
+            for name in names:
+                pipe.incr(name)
+                pipe.expire(name, window_s, nx=True)
+            results = await pipe.execute()
+        return [int(v) for v in results[::2]]
+
+    # -- directory ----------------------------------------------------------------------------------
+    async def load_directory(self, apps: Mapping[str, AppDirectory]) -> int:
+        """Replace each app's directory in one MULTI/EXEC (a reader sees all of it or none) and bump the
+        generation; returns the new generation."""
+        async with self._call():
+            pipe = self.redis.pipeline(transaction=True)
+            for name, directory in apps.items():
+                pipe.set(self.directory_key(name), directory.to_json())
+            pipe.incr(self.generation_key)
+            results = await pipe.execute()
+        return int(results[-1])
+
+    async def generation(self) -> int | None:
+        async with self._call():
+            value = await self.redis.get(self.generation_key)
+        return None if value is None else int(value)
+
+    async def read_directory(self, apps: Iterable[str]) -> tuple[int | None, dict[str, AppDirectory]]:
+        """The generation and the directories of ``apps`` that exist, read together in one MGET."""
+        names = list(apps)
+        async with self._call():
+            values: list[Any] = await self.redis.mget([self.generation_key, *(self.directory_key(n) for n in names)])
+        generation = None if values[0] is None else int(values[0])
+        return generation, {n: AppDirectory.from_json(v) for n, v in zip(names, values[1:], strict=True) if v}
