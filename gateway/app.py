@@ -42,6 +42,7 @@ METRICS = web.AppKey("metrics", Metrics)
 SIGNER = web.AppKey("signer", Signer)
 GATEWAY = web.AppKey("gateway", Gateway)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+KIND = web.RequestKey("kind", str)  # mint, info, redeem, pass or ops: the latency histogram's label
 
 ASSERTION_HEADER = "X-Impersonation-Assertion"
 CONFIRM_FIELD = "impersonation_confirm"
@@ -57,7 +58,7 @@ def create_app(
     fakeredis); ``key`` replaces ``assertion.private_key_file``."""
     app = web.Application(middlewares=[request_middleware], client_max_size=config.server.body_limit_bytes)
     app[CONFIG] = config
-    app[DIALECTS] = all_dialects()
+    app[DIALECTS] = all_dialects(app.dialect for app in config.apps)
     app[METRICS] = Metrics()
     if key is None:
         if config.assertion.private_key_file is not None:
@@ -145,29 +146,29 @@ async def request_middleware(
         return web.Response(status=500, text="Internal Server Error\n")
     finally:
         duration = time.perf_counter() - start
-        request.app[METRICS].latency.labels(request.get("kind", "other")).observe(duration)
+        request.app[METRICS].latency.labels(request.get(KIND, "other")).observe(duration)
         log.info("request", method=request.method, path=request.path, status=status,
                  duration_ms=round(duration * 1000, 2))  # fmt: skip
 
 
 async def healthz(request: web.Request) -> web.Response:
-    request["kind"] = "ops"
+    request[KIND] = "ops"
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    request["kind"] = "ops"
+    request[KIND] = "ops"
     ready = await request.app[GATEWAY].store.ping()
     return web.json_response({"status": "ready" if ready else "store unavailable"}, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    request["kind"] = "ops"
+    request[KIND] = "ops"
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 
 async def jwks(request: web.Request) -> web.Response:
-    request["kind"] = "ops"
+    request[KIND] = "ops"
     return web.Response(
         body=request.app[SIGNER].jwks_json(),
         content_type="application/json",
@@ -255,7 +256,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         matched = dialect.match(request.method, view.path)
         if matched:
             endpoint, params = matched
-            request["kind"] = endpoint.kind
+            request[KIND] = endpoint.kind
             try:
                 if endpoint.kind == "info":
                     return dialect.info(replace(view, params=params), app, config.public_url_of(app))
@@ -288,9 +289,9 @@ async def _redeem_or_pass(request: web.Request, ctx: _Context) -> web.StreamResp
         for carrier in dialects[app.dialect].carriers(view):
             offers.setdefault(carrier.token, {}).setdefault(app.name, carrier)
     if not offers:
-        request["kind"] = "pass"
+        request[KIND] = "pass"
         return await _forward(request, ctx, ctx.apps[0], body=body)
-    request["kind"] = "redeem"
+    request[KIND] = "redeem"
     token, by_app = next(iter(offers.items()))
     first = ctx.config.app(next(iter(by_app)))
     scanner_safe = any(c.browser and not ctx.config.app(a).redeem_on_get for a, c in by_app.items())
@@ -304,7 +305,7 @@ async def _redeem_or_pass(request: web.Request, ctx: _Context) -> web.StreamResp
             response.del_cookie(cookie, path="/")
         return response
     if redemption is None:  # a passive carrier held no grant: an ordinary request
-        request["kind"] = "pass"
+        request[KIND] = "pass"
         return await _forward(request, ctx, ctx.apps[0], body=body)
     return await _forward(
         request,

@@ -53,6 +53,7 @@ class ImpersonationCommand:
     custom_data: Any = None
     bind: tuple[str, ...] = ()  # subject fields that must come back with the grant (e.g. "email")
     extra_scopes: tuple[str, ...] = ()  # further grants for the same subject, each with its own scope
+    credential_name: str = "actor"  # which header or field held the credential, for the dialect's errors
 
 
 @dataclass(frozen=True)
@@ -213,13 +214,13 @@ class Gateway:
 
     async def _authorise(self, app: AppConfig, cmd: ImpersonationCommand) -> tuple[Principal, Subject]:
         if cmd.credential is None:
-            raise Unauthenticated("missing")
+            raise Unauthenticated("missing", cmd.credential_name)
         self._check_blocked(cmd)
         directory = self.directory.get(app.name)
         principal = directory.principal(credential_hash(cmd.credential))
         if principal is None:
             await self._record_failure(cmd)
-            raise Unauthenticated("unknown")
+            raise Unauthenticated("unknown", cmd.credential_name)
         if principal.role not in app.roles_allowed_to_mint:
             raise Forbidden("role")
         reseller = cmd.reseller

@@ -6,9 +6,10 @@ requests, and renders results and every ``GatewayError`` in its vendor's shape. 
 
 from __future__ import annotations
 
+import importlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,7 +17,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy, MultiMapping
 
-from ..config import AppConfig
+from ..config import DIALECTS, AppConfig
 from ..core import Carrier, ImpersonationCommand, MintResult
 from ..errors import GatewayError, RateLimited
 
@@ -115,8 +116,11 @@ def bearer(value: str | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def all_dialects() -> dict[str, Dialect]:
-    from .activeplatform import ActivePlatform
-
-    found: list[Dialect] = [ActivePlatform()]
-    return {d.name: d for d in found}
+def all_dialects(names: Iterable[str] = DIALECTS) -> dict[str, Dialect]:
+    """The dialects named (default: all) by name; ``dialects/<name>.py`` exposes its instance as ``dialect``."""
+    found = {}
+    for name in dict.fromkeys(names):
+        dialect = importlib.import_module(f"{__name__}.{name}").dialect
+        assert isinstance(dialect, Dialect) and dialect.name == name
+        found[name] = dialect
+    return found

@@ -112,3 +112,6 @@ def _describe(error: GatewayError) -> tuple[str, str, str]:
         case StoreUnavailable():
             return "service_unavailable", "Service Unavailable", "The service is temporarily unavailable."
     return "internal_error", "Internal Server Error", "An unexpected error occurred."
+
+
+dialect = ActivePlatform()
