@@ -84,8 +84,8 @@ def _store_ctx(redis: AnyRedis | None) -> Callable[[web.Application], AsyncItera
         store = Store(client, config.store.prefix, config.store.timeout_seconds)
         gateway = Gateway(config, store, app[SIGNER], app[METRICS])
         app[GATEWAY] = gateway
-        with contextlib.suppress(StoreUnavailable):
-            await gateway.directory.refresh()
+        with contextlib.suppress(StoreUnavailable):  # the refresher keeps trying
+            await gateway.directory.refresh(load_file=True)
         refresher = asyncio.create_task(_refresh_directory(gateway, config.directory.refresh_seconds))
         yield
         refresher.cancel()

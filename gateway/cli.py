@@ -166,7 +166,7 @@ def _directory_load(args: argparse.Namespace) -> int:
             raise CliError(f"{args.file}: apps.{name} is not an app of the config ({', '.join(sorted(known))})")
     store = _store_for(config, "directory load")
 
-    async def load() -> int:
+    async def load() -> str:
         try:
             return await store.load_directory(apps)
         finally:

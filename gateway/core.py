@@ -22,7 +22,7 @@ import structlog
 from .assertion import Signer
 from .config import AppConfig, Config
 from .directory import AppDirectory, Principal, Subject, credential_hash, load_directory_file
-from .errors import Forbidden, GrantRefused, Invalid, NotFound, RateLimited, Unauthenticated
+from .errors import Forbidden, GrantRefused, Invalid, NotFound, RateLimited, StoreUnavailable, Unauthenticated
 from .metrics import Metrics
 from .store import Store
 
@@ -123,20 +123,24 @@ class DirectoryCache:
         self.store = store
         self.apps = list(apps)
         self.file = file
-        self.generation: int | None = None
-        self._directories: dict[str, AppDirectory] = {}
+        self.generation: str | None = None
+        self._directories: dict[str, AppDirectory] | None = None  # None until the store was read once
         self._lock = asyncio.Lock()
 
     def get(self, app: str) -> AppDirectory:
+        """The app's directory (empty if it has none); StoreUnavailable until the store was read once."""
+        if self._directories is None:
+            raise StoreUnavailable()
         return self._directories.get(app) or AppDirectory(app=app)
 
-    async def refresh(self) -> None:
+    async def refresh(self, *, load_file: bool = False) -> None:
+        """Read the directory again if its generation moved; ``load_file`` (start-up) loads the file first."""
         async with self._lock:
             generation = await self.store.generation()
-            if generation is None and self.file is not None:
+            if self.file is not None and (load_file or generation is None):
                 generation = await self.store.load_directory(load_directory_file(self.file))
                 log.info("directory_loaded", file=str(self.file), generation=generation)
-            if generation != self.generation or generation is None:
+            if self._directories is None or generation != self.generation:
                 self.generation, self._directories = await self.store.read_directory(self.apps)
 
 

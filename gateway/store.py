@@ -5,7 +5,7 @@ Keys (all under ``store.prefix``; ``{...}`` is a Redis Cluster hash tag)::
     grant:{<sha256 of token>}     a live grant, JSON, PX = grant TTL          SET NX PX / GETDEL
     used:{<sha256 of token>}      tombstone of a redeemed grant (reuse alarm)  SET PX, in the redeem script
     {directory}:app:<app>         one app's directory, JSON                    SET in MULTI, MGET
-    {directory}:generation        bumped on every directory load               INCR in MULTI, GET
+    {directory}:generation        a new random id on every directory load      SET in MULTI, GET
     audit                         bounded stream of mint/redeem events         XADD MAXLEN ~
     fail:<kind>:<fingerprint>     failed-credential counters                   INCR + EXPIRE
 
@@ -16,6 +16,7 @@ share another, so a load is one transaction even on a Cluster.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -209,26 +210,28 @@ class Store:
         return [int(v) for v in results[::2]]
 
     # -- directory ----------------------------------------------------------------------------------
-    async def load_directory(self, apps: Mapping[str, AppDirectory]) -> int:
-        """Replace each app's directory in one MULTI/EXEC (a reader sees all of it or none) and bump the
-        generation; returns the new generation."""
+    async def load_directory(self, apps: Mapping[str, AppDirectory]) -> str:
+        """Replace each app's directory in one MULTI/EXEC (a reader sees all of it or none) under a new
+        generation, and return it. Generations are random, not counted: a flushed store that counts
+        again from 1 could otherwise look unchanged to a process that read generation 1 before."""
+        generation = secrets.token_hex(8)
         async with self._call():
             pipe = self.redis.pipeline(transaction=True)
             for name, directory in apps.items():
                 pipe.set(self.directory_key(name), directory.to_json())
-            pipe.incr(self.generation_key)
-            results = await pipe.execute()
-        return int(results[-1])
+            pipe.set(self.generation_key, generation)
+            await pipe.execute()
+        return generation
 
-    async def generation(self) -> int | None:
+    async def generation(self) -> str | None:
         async with self._call():
-            value = await self.redis.get(self.generation_key)
-        return None if value is None else int(value)
+            value: Any = await self.redis.get(self.generation_key)
+        return None if value is None else bytes(value).decode()
 
-    async def read_directory(self, apps: Iterable[str]) -> tuple[int | None, dict[str, AppDirectory]]:
+    async def read_directory(self, apps: Iterable[str]) -> tuple[str | None, dict[str, AppDirectory]]:
         """The generation and the directories of ``apps`` that exist, read together in one MGET."""
         names = list(apps)
         async with self._call():
             values: list[Any] = await self.redis.mget([self.generation_key, *(self.directory_key(n) for n in names)])
-        generation = None if values[0] is None else int(values[0])
+        generation = None if values[0] is None else bytes(values[0]).decode()
         return generation, {n: AppDirectory.from_json(v) for n, v in zip(names, values[1:], strict=True) if v}

@@ -1,0 +1,174 @@
+"""Denovolab Class4 portal: ``POST /v1/auth/as_client`` with the admin's ``X-Auth-Token``.
+
+The body ``{"client_id": N}`` (a number or a numeric string) names the client. The answer carries two
+single-use grants for that client: ``token`` (the portal login) and ``cdr_api_token`` (scope ``cdr_api``),
+plus the client's public attributes as ``payload.user``. Errors use the portal's envelope::
+
+    400 {"error_type": "validation_error", "success": false, "errors": [{field: [message]}]}
+    404 {"error_type": "Object not found error", "success": false}
+    4xx/5xx {"error_type": ..., "success": false, "error": {"message": ..., "code": N, "reason": ...}}
+
+Either grant is redeemed by opening a URL with ``?token=<grant>``, or by an API call with the grant in
+``X-Auth-Token`` (where an admin token is the portal's own credential and passes through untouched).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..config import AppConfig
+from ..core import Carrier, ImpersonationCommand, MintResult, SubjectRef
+from ..directory import Subject
+from ..errors import (
+    Forbidden,
+    GatewayError,
+    GrantRefused,
+    Invalid,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    StoreUnavailable,
+    Unauthenticated,
+)
+from . import Dialect, Endpoint, HttpRequest, json_response
+
+HEADER = "X-Auth-Token"
+CDR_SCOPE = "cdr_api"
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_MAX_ID = 2**63 - 1  # a bigint column: anything larger cannot name a client
+
+# Validation messages as marshmallow words them, by Invalid.reason.
+_MESSAGES = {
+    "missing": "Missing data for required field.",
+    "null": "Field may not be null.",
+    "type": "Not a valid integer.",
+    "too_large": "Number too large.",
+    "malformed": "Invalid JSON body.",
+    "not_object": "Invalid input type.",
+}
+
+
+class Denovolab(Dialect):
+    name = "denovolab"
+    endpoints = (Endpoint("POST", re.compile(r"/v1/auth/as_client/?")),)
+
+    def parse(self, req: HttpRequest, app: AppConfig) -> ImpersonationCommand:
+        credential = req.headers.get(HEADER, "").strip()
+        if not credential:
+            raise Unauthenticated("missing", HEADER)
+        return ImpersonationCommand(
+            app=app.name,
+            dialect=self.name,
+            credential=credential,
+            target=SubjectRef(id=_client_id(req.body)),
+            client=req.client,
+            extra_scopes=(CDR_SCOPE,),
+            credential_name=HEADER,
+        )
+
+    def render(self, result: MintResult, app: AppConfig, public_url: str) -> web.Response:
+        cdr_token, cdr_grant = result.extra[CDR_SCOPE]
+        payload = {
+            "user": _user(result.subject),
+            "token": result.token,
+            "cdr_api_token": cdr_token,
+            # The seed prints the expiry (epoch seconds) as a string.
+            "cdr_api_token_expiration": str(cdr_grant.expires_at),
+        }
+        return json_response({"success": True, "payload": payload, "token": result.token, "cdr_api_token": cdr_token})
+
+    def render_error(self, error: GatewayError) -> web.Response:
+        match error:
+            case Invalid(field=field, reason=reason):
+                body: dict[str, Any] = {
+                    "error_type": "validation_error",
+                    "success": False,
+                    "errors": [{field: [_MESSAGES.get(reason, "Invalid value.")]}],
+                }
+            case NotFound():
+                body = {"error_type": "Object not found error", "success": False}
+            case _:
+                error_type, message, code, reason = _describe(error)
+                body = {
+                    "error_type": error_type,
+                    "success": False,
+                    "error": {"message": message, "code": code, "reason": reason},
+                }
+        return json_response(body, status=error.status, error=error)
+
+    def carriers(self, req: HttpRequest) -> list[Carrier]:
+        in_query = req.query.get("token", "").strip()
+        in_header = req.headers.get(HEADER, "").strip()
+        if in_query and in_query == in_header:
+            return [Carrier(token=in_query, query=("token",), headers=(HEADER,))]
+        found = []
+        if in_query:
+            found.append(Carrier(token=in_query, query=("token",)))
+        if in_header:
+            # The header usually holds an admin's own API token: only a grant makes this a redemption.
+            found.append(Carrier(token=in_header, headers=(HEADER,), browser=False, passive=True))
+        return found
+
+
+def _client_id(body: bytes) -> str:
+    """The body's ``client_id`` as a directory id; raises Invalid with marshmallow's reasons."""
+    if not body.strip():
+        raise Invalid("client_id", "missing")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise Invalid("json", "malformed") from None
+    if not isinstance(data, dict):
+        raise Invalid("_schema", "not_object")
+    if "client_id" not in data:
+        raise Invalid("client_id", "missing")
+    value = data["client_id"]
+    if value is None:
+        raise Invalid("client_id", "null")
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid("client_id", "type")
+    if abs(value) > _MAX_ID:
+        raise Invalid("client_id", "too_large")
+    return str(value)
+
+
+def _user(subject: Subject) -> dict[str, Any]:
+    """The seed's ``user`` object from the subject's public attributes (never a credential or hash)."""
+    public = subject.public()
+    subject_id, name = public.pop("id"), public.pop("name")
+    user = {
+        "client_id": int(subject_id) if _INTEGER.fullmatch(subject_id) else subject_id,
+        "email": public.pop("email"),
+        "name": name,
+        "fullname": public.pop("fullname", name),
+    }
+    return {**user, **{k: v for k, v in public.items() if k not in user}}
+
+
+def _describe(error: GatewayError) -> tuple[str, str, int, str]:
+    """error_type, message, code and reason of the portal's ``error`` envelope."""
+    match error:
+        case Unauthenticated(reason="missing"):
+            return "unauthenticated_error", f"No header {HEADER} present", 110, "auth_token_not_provided"
+        case Unauthenticated():
+            return "unauthenticated_error", f"Invalid {HEADER}", 111, "auth_token_invalid"
+        case GrantRefused():
+            return "unauthenticated_error", "The login token is invalid or has expired", 112, "login_token_invalid"
+        case Forbidden():
+            return "forbidden_error", "You are not allowed to log in as this client", 120, "permission_denied"
+        case PayloadTooLarge(limit=limit):
+            return "payload_too_large_error", f"Request body exceeds {limit} bytes", 130, "payload_too_large"
+        case RateLimited(retry_after=seconds):
+            return "rate_limit_error", f"Too many failed attempts; retry in {seconds} s", 140, "too_many_requests"
+        case StoreUnavailable():
+            return "service_unavailable_error", "Service temporarily unavailable", 150, "service_unavailable"
+    return "internal_server_error", "Internal server error", 100, "internal_error"
+
+
+dialect = Denovolab()

@@ -1,0 +1,161 @@
+"""The store: what reaches Redis (never a token), how many round trips, expiry, the directory, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import yaml
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app
+from gateway.directory import parse_directory
+from gateway.store import Store
+from tests.conftest import DIRECTORY, KEY, GatewayFactory, Upstream, make_config, start_redis
+
+SEED = "/api/v3/resellers/1/user_authentication/token?account_id=505"
+MANAGER = {"X-Api-Token": "vY5fwetestK3gJXZH5uHCw"}
+MEDIA = "application/vnd.api+json"
+REDEEM_ON_GET = {"control-panel": {"dialect": "activeplatform", "redeem_on_get": True, "grant_ttl_seconds": 1}}
+
+
+async def mint(client: TestClient[Any, Any]) -> dict[str, str]:
+    response = await client.get(SEED, headers=MANAGER)
+    assert response.status == 200
+    body: dict[str, str] = await response.json(content_type=MEDIA)
+    return body
+
+
+def redeem_path(body: dict[str, str]) -> str:
+    return f"/?user_email={body['owner_email']}&user_token={body['owner_token']}"
+
+
+async def dump(redis: Any, prefix: str) -> bytes:
+    """Every key under ``prefix`` and every value it holds, as one blob to search."""
+    blob = b""
+    async for key in redis.scan_iter(match=f"{prefix}*"):
+        kind = await redis.type(key)
+        blob += key + b"\n"
+        if kind == b"string":
+            blob += await redis.get(key) + b"\n"
+        elif kind == b"stream":
+            blob += repr(await redis.xrange(key)).encode() + b"\n"
+        else:
+            raise AssertionError(f"unexpected key type {kind!r} at {key!r}")
+    return blob
+
+
+async def test_no_token_or_plain_credential_is_stored(gateway: GatewayFactory, redis_client: Any, prefix: str) -> None:
+    client = await gateway()
+    tokens = [(await mint(client))["owner_token"] for _ in range(3)]
+    blob = await dump(redis_client, prefix)
+    assert b"grant:" in blob and b"audit" in blob
+    for secret in [*tokens, "vY5fwetestK3gJXZH5uHCw", "manager-7-token"]:
+        assert secret.encode() not in blob
+
+
+async def test_grant_expires(gateway: GatewayFactory, upstream: Upstream) -> None:
+    client = await gateway(apps=REDEEM_ON_GET)
+    body = await mint(client)
+    await asyncio.sleep(1.2)  # the grant TTL is 1 s: PX must have dropped it
+    assert (await client.get(redeem_path(body))).status == 401
+    assert upstream.requests == []
+
+
+async def test_grant_holds_until_its_ttl(
+    gateway: GatewayFactory, upstream: Upstream, redis_client: Any, prefix: str
+) -> None:
+    client = await gateway(apps=REDEEM_ON_GET)
+    await mint(client)
+    keys = [k async for k in redis_client.scan_iter(match=f"{prefix}grant:*")]
+    assert len(keys) == 1
+    assert 0 < await redis_client.pttl(keys[0]) <= 1000
+
+
+@pytest.mark.parametrize("redis_client", ["redis"], indirect=True)
+async def test_redis_commands_per_mint_and_redemption(gateway: GatewayFactory, redis_client: Any) -> None:
+    """Measured with INFO commandstats on the real server: the figures quoted in the README."""
+    client = await gateway(apps=REDEEM_ON_GET)
+
+    async def calls() -> dict[str, int]:
+        stats = await redis_client.info("commandstats")
+        return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
+
+    def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+        return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0) and k != "info"}
+
+    start = await calls()
+    body = await mint(client)
+    minted = await calls()
+    assert await client.get(redeem_path(body)) is not None
+    redeemed = await calls()
+    assert delta(start, minted) == {"set": 1, "xadd": 1}  # one pipeline: one round trip
+    # one script (GETDEL + tombstone SET, atomically) and the audit append
+    assert delta(minted, redeemed) in ({"evalsha": 1, "getdel": 1, "set": 1, "xadd": 1},
+                                       {"evalsha": 1, "eval": 1, "getdel": 1, "set": 1, "xadd": 1})  # fmt: skip
+
+
+async def test_directory_load_replaces_an_app_and_hashes_tokens(redis_client: Any, prefix: str) -> None:
+    store = Store(redis_client, prefix)
+    first = await store.load_directory(parse_directory(DIRECTORY))
+    smaller = {"apps": {"control-panel": {"principals": [{"id": "p", "token": "t0k3n-plain", "role": "admin"}]}}}
+    second = await store.load_directory(parse_directory(smaller))
+    assert second != first
+    generation, apps = await store.read_directory(["control-panel", "absent"])
+    assert generation == second and list(apps) == ["control-panel"]
+    assert [p.id for p in apps["control-panel"].principals] == ["p"] and apps["control-panel"].subjects == ()
+    assert b"t0k3n-plain" not in await dump(redis_client, prefix)
+
+
+async def test_directory_reloads_itself_when_the_store_comes_back_empty(
+    aiohttp_client: Any, redis_client: Any, prefix: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    (tmp_path / "directory.yaml").write_text(yaml.safe_dump(DIRECTORY))
+    config = make_config(
+        prefix, upstream.url, directory={"file": str(tmp_path / "directory.yaml"), "refresh_seconds": 0.05}
+    )
+    client = await aiohttp_client(create_app(config, redis=redis_client, key=KEY))
+    await mint(client)
+    async for key in redis_client.scan_iter(match=f"{prefix}*"):  # what a restart without persistence leaves
+        await redis_client.delete(key)
+    deadline = time.monotonic() + 5
+    while await redis_client.get(f"{prefix}{{directory}}:generation") is None:
+        assert time.monotonic() < deadline, "the directory was not reloaded"
+        await asyncio.sleep(0.05)
+    await mint(client)
+
+
+async def test_store_outage_is_a_503_in_the_dialect_shape_and_heals(
+    aiohttp_client: Any, upstream: Upstream, prefix: str, tmp_path: Path
+) -> None:
+    server = start_redis(tmp_path)
+    redis = aioredis.Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        await Store(redis, prefix).load_directory(parse_directory(DIRECTORY))
+        config = make_config(prefix, upstream.url, store={"timeout_seconds": 0.5}, apps=REDEEM_ON_GET)
+        client = await aiohttp_client(create_app(config, redis=redis, key=KEY))
+        body = await mint(client)
+        assert (await client.get("/readyz")).status == 200
+        server.stop()
+        for request in (client.get(SEED, headers=MANAGER), client.get(redeem_path(body))):
+            started = time.monotonic()
+            response = await request
+            assert time.monotonic() - started < 2
+            assert response.status == 503
+            errors = (await response.json(content_type=MEDIA))["errors"]
+            assert errors[0]["status"] == "503" and errors[0]["code"] == "service_unavailable"
+        assert (await client.get("/readyz")).status == 503
+        assert (await client.get("/healthz")).status == 200
+        server.start()
+        assert (await client.get("/readyz")).status == 200
+        # The grant minted before the outage was never consumed (Redis kept no data, so it is gone);
+        # a new mint works again without a restart once the directory is back.
+        await Store(redis, prefix).load_directory(parse_directory(DIRECTORY))
+        await mint(client)
+    finally:
+        server.stop() if server.proc.poll() is None else None
+        await redis.aclose()
