@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -17,67 +13,29 @@ import redis.asyncio as aioredis
 import yaml
 
 from gateway.cli import main
-from tests.conftest import DIRECTORY, RedisServer, free_port
+from tests import processes
+from tests.conftest import RedisServer, free_port
 
 ROOT = Path(__file__).parent.parent
 
 
-def write_config(tmp: Path, store_url: str, port: int, **extra: Any) -> Path:
-    (tmp / "directory.yaml").write_text(yaml.safe_dump(DIRECTORY))
-    config = {
-        "server": {"port": port, "public_url": f"http://127.0.0.1:{port}"},
-        "store": {"url": store_url, "prefix": f"cli{port}:"},
-        "directory": {"file": "directory.yaml"},
-        "apps": {"control-panel": {"dialect": "activeplatform", "upstream": "http://127.0.0.1:9"}},
-        **extra,
-    }
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(url + "/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"gateway did not become ready: {proc.stderr.read() if proc.stderr else ''}")
-            await asyncio.sleep(0.05)
-
-
-def serve(config: Path, *args: str) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config), *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-    )  # fmt: skip
+def write_config(tmp: Path, store_url: str, port: int) -> Path:
+    apps = {"control-panel": {"dialect": "activeplatform", "upstream": "http://127.0.0.1:9"}}
+    return processes.write_config(tmp, store_url, port, apps=apps, prefix=f"cli{port}:")
 
 
 async def test_serve_mints_then_drains_on_sigterm(tmp_path: Path, redis_server: RedisServer) -> None:
     port = free_port()
-    proc = serve(write_config(tmp_path, redis_server.url, port))
-    try:
+    proc = processes.start(write_config(tmp_path, redis_server.url, port))
+    with processes.running(proc):
         url = f"http://127.0.0.1:{port}"
-        await wait_ready(url, proc)
+        await processes.wait_ready(url, proc)
         async with aiohttp.ClientSession() as session:
             path = "/api/v3/resellers/1/user_authentication/token?account_id=505"
             async with session.get(url + path, headers={"X-Api-Token": "vY5fwetestK3gJXZH5uHCw"}) as response:
                 assert response.status == 200
                 assert (await response.json(content_type=None))["owner_email"] == "example@activeplatform.com"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        assert processes.stop(proc) == 0
 
 
 def test_serve_refuses_workers_on_the_embedded_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
