@@ -4,6 +4,7 @@ handed out unstored or redeemed twice."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -84,5 +85,31 @@ async def test_redis_killed_and_restarted_under_load(
         jtis = [upstream.claims(i)["jti"] for i in range(len(upstream.requests))]
         assert len(jtis) == len(set(jtis)) == len(redeemed)
     finally:
+        server.stop()
+        await redis.aclose()
+
+
+async def test_a_hung_redis_costs_at_most_the_timeout(
+    aiohttp_client: Any, upstream: Upstream, prefix: str, tmp_path: Path
+) -> None:
+    server = start_redis(tmp_path)
+    redis = aioredis.Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    await Store(redis, prefix).load_directory(parse_directory(DIRECTORY))
+    config = make_config(prefix, upstream.url, apps=APPS, store={"timeout_seconds": 0.5})
+    client = await aiohttp_client(create_app(config, redis=redis, key=KEY))
+    try:
+        assert (await client.get(SEED, headers=MANAGER)).status == 200
+        server.proc.send_signal(signal.SIGSTOP)  # accepts nothing, answers nothing
+        started = time.monotonic()
+        responses = await asyncio.gather(*(client.get(SEED, headers=MANAGER) for _ in range(10)))
+        assert [r.status for r in responses] == [503] * 10
+        assert time.monotonic() - started < 2.0
+        server.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while (await client.get(SEED, headers=MANAGER)).status != 200:
+            assert time.monotonic() < deadline, "did not recover after Redis answered again"
+            await asyncio.sleep(0.05)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
         server.stop()
         await redis.aclose()
