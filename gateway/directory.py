@@ -122,11 +122,15 @@ class AppDirectory:
     def subjects_by_identity(self, user: str, domain: str | None) -> list[Subject]:
         """Subjects whose id or email is ``user`` (case-insensitive), in ``domain`` when one is given.
 
-        A domain matches a subject's domain in full (``sales.example.com``) or by its first label, as a
-        Windows ``SALES\\jdoe`` names it.
+        A UPN that is no subject's id or e-mail (``jdoe@sales.example.com``) names the subject ``jdoe`` of
+        that domain. A domain matches a subject's domain in full (``sales.example.com``) or by its first
+        label, as a Windows ``SALES\\jdoe`` names it.
         """
         user = user.casefold()
         found = [s for s in self.subjects if user in (s.id.casefold(), (s.email or "").casefold())]
+        name, at, upn_domain = user.rpartition("@")
+        if not found and at and name and upn_domain:
+            found = [s for s in self.subjects if s.id.casefold() == name and _same_domain(s.domain, upn_domain)]
         if domain:
             found = [s for s in found if _same_domain(s.domain, domain)]
         return found

@@ -130,7 +130,12 @@ def _client_id(body: bytes) -> str:
     if value is None:
         raise Invalid("client_id", "null")
     if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
-        value = int(value.strip())
+        value = value.strip()
+        if len(value.lstrip("+-0")) > 19:  # too long for any id (and for int() on a huge string)
+            raise Invalid("client_id", "too_large")
+        value = int(value)
+    elif isinstance(value, float) and value.is_integer():  # 41.0, or a huge number orjson made a float
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise Invalid("client_id", "type")
     if abs(value) > _MAX_ID:

@@ -1,0 +1,175 @@
+"""Pyramid Analytics API3: ``POST /API3/authentication/authenticateUserByToken``.
+
+An administrator's token in the JSON body authorises a login as ``userIdentity``; the answer is the new
+grant as a bare base64 string (``text/plain``), which the portal sets as the ``PyramidAuth`` (or
+``PyramidEmbeddedAuth``) cookie or appends as ``?token=``. The older ``/API2/auth/authenticateUserByToken``
+takes the same fields wrapped in ``{"data": {...}}``. Errors are short ``text/plain`` reasons.
+
+``userIdentity`` is a user name (``jdoe``), a UPN or e-mail (``jdoe@example.com``) or a Windows name
+(``SALES\\jdoe``, whose prefix narrows the match like the optional ``domain`` field).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from aiohttp import web
+
+from ..config import AppConfig
+from ..core import Carrier, ImpersonationCommand, MintResult, SubjectRef
+from ..errors import (
+    Forbidden,
+    GatewayError,
+    GrantRefused,
+    Invalid,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    StoreUnavailable,
+    Unauthenticated,
+)
+from . import Dialect, Endpoint, HttpRequest, load_json_object, text_response
+
+COOKIES = ("PyramidAuth", "PyramidEmbeddedAuth")
+IDENTITY_LIMIT = 512  # characters: longer than any user name, UPN or DOMAIN\user
+DOMAIN_LIMIT = 255
+# customData travels in the assertion header: keep it well below common 8 KiB header limits.
+CUSTOM_DATA_LIMIT = 2048  # bytes, as JSON-encoded in the assertion
+# A grant is base64(url); anything else in a Pyramid cookie is the app's own and costs no Redis call.
+_GRANT_SHAPE = re.compile(r"[A-Za-z0-9_\-+/]{22,256}={0,2}")
+
+
+class Pyramid(Dialect):
+    name = "pyramid"
+    endpoints = (
+        Endpoint("POST", re.compile(r"/(?P<version>API3)/authentication/authenticateUserByToken/?", re.IGNORECASE)),
+        Endpoint("POST", re.compile(r"/(?P<version>API2)/auth/authenticateUserByToken/?", re.IGNORECASE)),
+    )
+
+    def parse(self, req: HttpRequest, app: AppConfig) -> ImpersonationCommand:
+        if not req.body.strip():
+            raise Invalid("body", "missing")
+        body = load_json_object(req.body)
+        if body is None:
+            raise Invalid("body", "value")
+        if req.params["version"].upper() == "API2":
+            if body.get("data") is None:
+                raise Invalid("data", "missing")
+            if not isinstance(body["data"], dict):
+                raise Invalid("data", "type")
+            body = body["data"]
+        token = (_optional_string(body, "token") or "").strip()
+        identity = (_optional_string(body, "userIdentity") or "").strip()
+        domain = (_optional_string(body, "domain") or "").strip()
+        custom_data = _optional_string(body, "customData")  # passed on exactly as given
+        if not identity:
+            raise Invalid("userIdentity", "missing")
+        if len(identity) > IDENTITY_LIMIT:
+            raise Invalid("userIdentity", "value")
+        if domain and len(domain) > DOMAIN_LIMIT:
+            raise Invalid("domain", "value")
+        if custom_data and len(json.dumps(custom_data)) > CUSTOM_DATA_LIMIT:
+            raise Invalid("customData", "value")
+        user, user_domain = _split_identity(identity, domain or None)
+        return ImpersonationCommand(
+            app=app.name,
+            dialect=self.name,
+            credential=token or None,
+            target=SubjectRef(identity=user, domain=user_domain),
+            client=req.client,
+            custom_data=custom_data or None,
+            credential_name="token",
+        )
+
+    def render(self, result: MintResult, app: AppConfig, public_url: str) -> web.Response:
+        response = text_response(result.token)
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def render_error(self, error: GatewayError) -> web.Response:
+        status, reason = _describe(error)
+        return text_response(reason, status=status, error=error)
+
+    def carriers(self, req: HttpRequest) -> list[Carrier]:
+        found = []
+        token = req.query.get("token", "").strip()
+        if token:
+            found.append(Carrier(token=token, query=("token",)))
+        for name in COOKIES:
+            value = req.cookies.get(name, "").strip()
+            # The app sets these cookies itself once signed in: a value that is no grant is its own.
+            if _GRANT_SHAPE.fullmatch(value):
+                found.append(Carrier(token=value, cookies=(name,), passive=True))
+        return found
+
+
+def _optional_string(body: dict[str, Any], field: str) -> str | None:
+    """``body[field]``; None when absent or null; Invalid when it is not a string."""
+    value = body.get(field)
+    if value is None or isinstance(value, str):
+        return value
+    raise Invalid(field, "type")
+
+
+def _split_identity(identity: str, domain: str | None) -> tuple[str, str | None]:
+    """``DOMAIN\\user`` -> (user, DOMAIN); a UPN or plain name stays whole (core matches id or e-mail).
+
+    When both the prefix and ``domain`` are given they must name the same domain (``SALES`` is the
+    first label of ``sales.example.com``); the fuller of the two narrows the match.
+    """
+    if "\\" not in identity:
+        return identity, domain
+    prefix, _, user = identity.partition("\\")
+    prefix, user = prefix.strip(), user.strip()
+    if not prefix or not user:
+        raise Invalid("userIdentity", "value")
+    if domain is None:
+        return user, prefix
+    short, full = sorted((prefix.casefold(), domain.casefold()), key=len)
+    if short != full and short != full.split(".", 1)[0]:
+        raise Invalid("domain", "mismatch")
+    return user, full
+
+
+def _describe(error: GatewayError) -> tuple[int, str]:
+    match error:
+        case Invalid(field="body", reason="missing"):
+            return 400, "Request body is empty"
+        case Invalid(field="body"):
+            return 400, "Request body is not a JSON object"
+        case Invalid(field="domain", reason="mismatch"):
+            return 400, "domain does not match the domain in userIdentity"
+        case Invalid(field="identity", reason="ambiguous"):
+            return 400, "userIdentity matches more than one user; give the domain"
+        case Invalid(field=field, reason="missing"):
+            return 400, f"Missing {field}"
+        case Invalid(field="data", reason="type"):
+            return 400, "data must be an object"
+        case Invalid(field=field, reason="type"):
+            return 400, f"{field} must be a string"
+        case Invalid(field=field):
+            return 400, f"Invalid {field}"
+        case NotFound():
+            return 400, "Unknown user"
+        case Unauthenticated(reason="missing"):
+            return 401, "Missing admin token"
+        case Unauthenticated():
+            return 401, "Invalid admin token"
+        case Forbidden(reason="role"):
+            return 403, "Not allowed: this admin cannot log in as users"
+        case Forbidden():
+            return 403, "Not allowed: the user is outside this admin's domain"
+        case GrantRefused():
+            return 401, "Invalid or expired token"
+        case PayloadTooLarge(limit=limit):
+            return 413, f"Request body is larger than {limit} bytes"
+        case RateLimited(retry_after=seconds):
+            return 429, f"Too many failed attempts; retry in {seconds} s"
+        case StoreUnavailable():
+            return 503, "Service unavailable"
+    return 500, "Internal server error"
+
+
+dialect = Pyramid()
