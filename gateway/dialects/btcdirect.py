@@ -1,0 +1,234 @@
+"""BTC Direct partner API: ``GET /api/v1/user/login-token``.
+
+The partner authenticates with ``Authorization: Bearer <token>`` or ``X-Api-Key`` (not both) and names the
+user with ``User-Identifier`` and/or ``User-Authorization: Bearer <the user's own token>``. The answer is
+``{"uuid", "token", "expiryDate"}``; the user is logged in by opening one of the ``privateUrls`` of
+``GET /api/v1/system/info`` with ``?token=..&uuid=..``, or by ``POST /api/v2/user/login-with-token``
+with ``{"uuid", "token"}``. Errors are ``{"errors": {"ERxxx": {"code", "message", "solution"}}}``, every
+code taken from :data:`CATALOGUE`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from ..config import AppConfig
+from ..core import Carrier, ImpersonationCommand, MintResult, SubjectRef
+from ..errors import (
+    Forbidden,
+    GatewayError,
+    GrantRefused,
+    Invalid,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    StoreUnavailable,
+    Unauthenticated,
+)
+from . import Dialect, Endpoint, HttpRequest, bearer, json_response, load_json_object
+
+_IDENTIFIER = re.compile(r"[A-Za-z0-9]{36,255}")
+_LOGIN_WITH_TOKEN = re.compile(r"/api/v2/user/login-with-token/?")
+# The secured pages the seed names (continue KYC, upgrade the account, contact support).
+PRIVATE_PAGES = ("kyc", "upgrade", "support")
+
+
+@dataclass(frozen=True)
+class Entry:
+    status: int
+    message: str
+    solution: str
+
+
+# Every code this dialect answers with. ER700-ER999 are the seed's texts, word for word; ER920 and ER921
+# are the gateway's own (the seed has no rate-limit or body-size error).
+CATALOGUE: dict[str, Entry] = {
+    "ER700": Entry(400, "User authorization token not found.", "Provide a user authorization token."),
+    "ER701": Entry(
+        400, "User authorization token has expired.", "Request a new authorization token, or refresh the token."
+    ),
+    "ER702": Entry(400, "User authorization token is invalid.", "Provide a valid user authorization token."),
+    "ER703": Entry(
+        400,
+        "User identifier does not belong to the user in the user authorization token.",
+        "Provide a valid user identifier, or remove the user identifier header.",
+    ),
+    "ER704": Entry(
+        400,
+        "No user identifier found in headers.",
+        "Provide a valid user identifier, or use the user/password authentication mechanism to request a user "
+        "token and send that.",
+    ),
+    "ER705": Entry(
+        400,
+        "User identifier is not linked to a user.",
+        "Provide a valid user identifier, link this user identifier to a user account, or use the user/password "
+        "authentication mechanism.",
+    ),
+    "ER706": Entry(
+        400,
+        "User identifier is invalid.",
+        "Provide a valid user identifier, a unique identifier string for the user account that is not already in use.",
+    ),
+    "ER707": Entry(
+        400,
+        "User identifier is invalid.",
+        "Please provide an identifier, consisting of 36 - 255 characters, numeric or alphanumeric only.",
+    ),
+    "ER708": Entry(400, "There is a pending document for this side.", "Wait for the pending document to be reviewed."),
+    "ER709": Entry(400, "User not found, or user has been deleted.", "Provide a valid user identifier."),
+    "ER800": Entry(400, "Authorization token is invalid.", "Provide a valid authorization token."),
+    "ER801": Entry(400, "Authorization token has expired.", "Request a new authorization token."),
+    "ER802": Entry(400, "Authorization token not found.", "Provide an authorization token."),
+    "ER803": Entry(400, "Multiple authorization methods used.", "Use exactly one authorization method."),
+    "ER805": Entry(400, "API key is invalid.", "Provide a valid API key."),
+    "ER806": Entry(400, "API key not found.", "Provide an API key."),
+    "ER920": Entry(
+        429, "Too many requests.", "Wait the number of seconds given in the Retry-After header, then try again."
+    ),
+    "ER921": Entry(413, "Request body is too large.", "Send a smaller request body."),
+    "ER999": Entry(500, "A general error has occurred. Please contact our support team.", "Contact our support team."),
+}
+
+
+class BtcDirect(Dialect):
+    name = "btcdirect"
+    endpoints = (
+        Endpoint("GET", re.compile(r"/api/v1/user/login-token/?")),
+        Endpoint("GET", re.compile(r"/api/v1/system/info/?"), kind="info"),
+    )
+
+    def parse(self, req: HttpRequest, app: AppConfig) -> ImpersonationCommand:
+        credential, credential_name = _partner_credential(req)
+        if credential is None:  # partner errors come before any error about the user headers
+            raise Unauthenticated("missing", credential_name)
+        identifiers = req.headers.getall("User-Identifier", [])
+        if len(identifiers) > 1 or (identifiers and not _IDENTIFIER.fullmatch(identifiers[0])):
+            raise Invalid("user_identifier", "value")
+        return ImpersonationCommand(
+            app=app.name,
+            dialect=self.name,
+            credential=credential,
+            target=SubjectRef(identifier=identifiers[0] if identifiers else None, token=_user_token(req)),
+            client=req.client,
+            bind=("uuid",),
+            credential_name=credential_name,
+        )
+
+    def render(self, result: MintResult, app: AppConfig, public_url: str) -> web.Response:
+        if result.subject.uuid is None:  # a directory entry without a uuid can never redeem: not a user here
+            return self.render_error(NotFound("subject", "uuid"))
+        expiry = datetime.fromtimestamp(result.grant.expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return json_response({"uuid": result.subject.uuid, "token": result.token, "expiryDate": expiry})
+
+    def render_error(self, error: GatewayError) -> web.Response:
+        code = _code(error)
+        entry = CATALOGUE[code]
+        # A refused redemption is 401 in every dialect (one answer, no oracle); a store outage is 503.
+        status = error.status if isinstance(error, StoreUnavailable | GrantRefused) else entry.status
+        body = {"errors": {code: {"code": code, "message": entry.message, "solution": entry.solution}}}
+        return json_response(body, status=status, error=error)
+
+    def info(self, req: HttpRequest, app: AppConfig, public_url: str) -> web.Response:
+        return json_response({"privateUrls": {page: f"{public_url}/{page}" for page in PRIVATE_PAGES}})
+
+    def reads_body(self, req: HttpRequest) -> bool:
+        return req.method == "POST" and _LOGIN_WITH_TOKEN.fullmatch(req.path) is not None
+
+    def carriers(self, req: HttpRequest) -> list[Carrier]:
+        token, uuid = req.query.get("token"), req.query.get("uuid")
+        if token and uuid is not None:
+            return [Carrier(token=token, bound={"uuid": uuid}, query=("token", "uuid"))]
+        if not self.reads_body(req):
+            return []
+        # Every POST here is a redemption: a body without a usable token is refused like an unknown one.
+        data = load_json_object(req.body) or {}
+        token, uuid = data.get("token"), data.get("uuid")
+        return [
+            Carrier(
+                token=token if isinstance(token, str) else "",
+                bound={"uuid": uuid if isinstance(uuid, str) else ""},
+                body_fields=("uuid", "token"),
+                browser=False,
+            )
+        ]
+
+
+def _partner_credential(req: HttpRequest) -> tuple[str | None, str]:
+    """The partner's credential (None when missing) and the header it came in: "authorization" or "api_key"."""
+    authorizations = req.headers.getall("Authorization", [])
+    keys = req.headers.getall("X-Api-Key", [])
+    if len(authorizations) + len(keys) > 1:
+        raise Unauthenticated("ambiguous", "partner")
+    if keys:
+        return keys[0].strip() or None, "api_key"
+    if not authorizations:
+        return None, "authorization"
+    token = bearer(authorizations[0])
+    if token:
+        return token, "authorization"
+    if authorizations[0].strip().lower() in ("", "bearer"):
+        return None, "authorization"
+    raise Unauthenticated("unknown", "authorization")  # another scheme than Bearer
+
+
+def _user_token(req: HttpRequest) -> str | None:
+    values = req.headers.getall("User-Authorization", [])
+    if not values:
+        return None
+    token = bearer(values[0])
+    if len(values) == 1 and token:
+        return token
+    if len(values) == 1 and values[0].strip().lower() in ("", "bearer"):
+        raise Invalid("user_authorization", "missing")
+    raise Invalid("user_authorization", "value")
+
+
+def _code(error: GatewayError) -> str:
+    match error:
+        case Unauthenticated(reason="ambiguous"):
+            return "ER803"
+        case Unauthenticated(reason="missing", credential="api_key"):
+            return "ER806"
+        case Unauthenticated(reason="missing"):
+            return "ER802"
+        case Unauthenticated(credential="api_key"):
+            return "ER805"
+        case Unauthenticated():
+            return "ER800"
+        case Forbidden():
+            # A known credential whose role may not mint (or whose scope excludes the user): the seed has no
+            # "forbidden" code, and to BTC Direct such a credential is simply not a valid partner token.
+            return "ER800"
+        case Invalid(field="identifier", reason="mismatch"):
+            return "ER703"
+        case Invalid(field="user_identifier"):
+            return "ER707"
+        case Invalid(field="user_authorization", reason="missing"):
+            return "ER700"
+        case Invalid(field="user_authorization"):
+            return "ER702"
+        case Invalid():
+            return "ER704"  # core's Invalid("subject", "missing"): neither user header was sent
+        case NotFound(by="identifier"):
+            return "ER705"
+        case NotFound(by="token"):
+            return "ER702"
+        case NotFound():
+            return "ER709"
+        case GrantRefused():
+            # The login token (and its uuid) is a one-time user token: one answer for unknown, expired, used,
+            # mismatched or revoked, so nothing tells which.
+            return "ER702"
+        case PayloadTooLarge():
+            return "ER921"
+        case RateLimited():
+            return "ER920"
+    return "ER999"  # StoreUnavailable (503) and anything unexpected (500)
+
+
+dialect = BtcDirect()
