@@ -4,9 +4,9 @@ CONFIG ?= config.yaml
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CODE := gateway tests demo
+CODE := gateway tests demo bench
 
-.PHONY: install run test lint format redis-server clean
+.PHONY: install run test lint format redis-server bench clean
 
 install: $(STAMP)
 
@@ -49,6 +49,19 @@ lint: install
 
 test: install redis-server lint
 	$(BIN)/pytest
+
+# Load tests on 127.0.0.1: the gateway against bare aiohttp floors, under wrk; writes bench-results.json.
+# BENCH_DURATION (default 10) and BENCH_WARMUP (default 2) are the seconds of each case's runs.
+bench: install redis-server
+	@command -v wrk >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; \
+		else \
+			echo "wrk not found: install wrk (Debian: apt-get install wrk)" >&2; \
+			exit 1; \
+		fi; \
+	}
+	$(BIN)/python -m bench.run
 
 format: install
 	$(BIN)/ruff format $(CODE)

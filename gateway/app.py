@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import html
+import importlib.resources
 import ipaddress
 import secrets
 import time
@@ -21,6 +23,7 @@ from urllib.parse import parse_qsl, urlencode
 import aiohttp
 import orjson
 import structlog
+import yaml
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from multidict import CIMultiDict
@@ -42,6 +45,7 @@ METRICS = web.AppKey("metrics", Metrics)
 SIGNER = web.AppKey("signer", Signer)
 GATEWAY = web.AppKey("gateway", Gateway)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+OPENAPI = web.AppKey("openapi", bytes)  # gateway/openapi.yaml as JSON
 KIND = web.RequestKey("kind", str)  # mint, info, redeem, pass or ops: the latency histogram's label
 
 ASSERTION_HEADER = "X-Impersonation-Assertion"
@@ -67,13 +71,15 @@ def create_app(
             log.warning("assertion_key_ephemeral", detail="no assertion.private_key_file: a new key for this process")
             key = Ed25519PrivateKey.generate()
     app[SIGNER] = Signer(key, config.server.public_url.rstrip("/"), config.assertion.ttl_seconds)
+    app[OPENAPI] = openapi_document()
     app.cleanup_ctx.append(_store_ctx(redis))
     app.cleanup_ctx.append(_session_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/.well-known/jwks.json", jwks)
-    app.router.add_route("*", "/{tail:.*}", dispatch)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", dispatch)  # any path, newlines included
     return app
 
 
@@ -174,6 +180,18 @@ async def jwks(request: web.Request) -> web.Response:
         content_type="application/json",
         headers={"Cache-Control": "public, max-age=300"},
     )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    request[KIND] = "ops"
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    """The package's ``openapi.yaml`` as JSON, read once per process (tests build many apps)."""
+    text = importlib.resources.files(__package__).joinpath("openapi.yaml").read_text(encoding="utf-8")
+    return orjson.dumps(yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
 
 
 # -- routing ------------------------------------------------------------------------------------------
@@ -283,7 +301,8 @@ async def _redeem_or_pass(request: web.Request, ctx: _Context) -> web.StreamResp
             view = replace(view, body=body)
             confirm = _is_confirmation(request) and CONFIRM_FIELD in dict(parse_qsl(body.decode("latin-1")))
     except PayloadTooLarge as exc:
-        return dialects[ctx.apps[0].dialect].render_error(exc)
+        reader = next((a for a in ctx.apps if dialects[a.dialect].reads_body(view)), ctx.apps[0])
+        return dialects[reader.dialect].render_error(exc)
     offers: dict[str, dict[str, Carrier]] = {}
     for app in ctx.apps:
         for carrier in dialects[app.dialect].carriers(view):
@@ -304,6 +323,9 @@ async def _redeem_or_pass(request: web.Request, ctx: _Context) -> web.StreamResp
         for cookie in {c for carrier in by_app.values() for c in carrier.cookies}:
             response.del_cookie(cookie, path="/")
         return response
+    except Exception:
+        log.exception("unhandled_error", app=first.name, dialect=first.dialect)
+        return dialects[first.dialect].render_error(GatewayError())
     if redemption is None:  # a passive carrier held no grant: an ordinary request
         request[KIND] = "pass"
         return await _forward(request, ctx, ctx.apps[0], body=body)

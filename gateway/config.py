@@ -259,9 +259,11 @@ def _validate(config: Config) -> None:
     _positive("server.body_limit_bytes", s.body_limit_bytes)
     _positive("server.drain_seconds", s.drain_seconds)
     url = config.store.url
-    if url != "embedded" and urlsplit(url).scheme not in ("redis", "rediss", "redis+sentinel", "rediss+sentinel"):
+    schemes = ("redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
+    if url != "embedded" and urlsplit(url).scheme not in schemes:
         raise ConfigError(
-            f"store.url: expected 'embedded' or a redis://, rediss:// or redis+sentinel:// URL, got {url!r}"
+            f"store.url: expected 'embedded' or a redis://, rediss://, redis+sentinel:// or redis+cluster:// URL, "
+            f"got {url!r}"
         )
     if not config.store.prefix:
         raise ConfigError("store.prefix: must not be empty")

@@ -81,9 +81,39 @@ def connect(url: str, timeout: float) -> AnyRedis:
         service = parts.path.strip("/") or "mymaster"
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         ssl = scheme.startswith("rediss")
-        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": timeout}, ssl=ssl, **opts)  # type: ignore[no-untyped-call]
+        import time
+        from contextlib import suppress
+
+        from redis.asyncio.connection import AbstractConnection
+        from redis.asyncio.sentinel import MasterNotFoundError, SentinelConnectionPool
+
+        class MasterPool(SentinelConnectionPool):
+            """redis-py asks the sentinels for the master only when it opens a connection, so after a failover
+            pooled connections keep writing to the old master, which stays a writable master until the
+            sentinels demote it many seconds later (grants minted there are lost; grants redeemed there
+            stay live on the new one). This pool asks again at most once a second, when a connection is
+            handed out, and moves any connection still open to another address onto the master reported."""
+
+            recheck_at = 0.0
+
+            async def ensure_connection(self, connection: AbstractConnection) -> None:
+                if time.monotonic() >= self.recheck_at:
+                    self.recheck_at = time.monotonic() + 1.0
+                    with suppress(MasterNotFoundError):  # no sentinel answers: keep the master we know
+                        await self.get_master_address()  # type: ignore[no-untyped-call]  # drops idle ones if moved
+                address = (connection.host, connection.port)  # type: ignore[attr-defined]
+                if connection.is_connected and self.master_address is not None and address != self.master_address:
+                    await connection.disconnect()
+                await super().ensure_connection(connection)
+
+        # Bounded and without retries, so one dead sentinel costs a lookup at most ``timeout`` before the next.
+        sentinel_opts = {k: opts[k] for k in ("socket_timeout", "socket_connect_timeout", "retry")}
+        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_opts, ssl=ssl, **opts)  # type: ignore[no-untyped-call]
         master: aioredis.Redis = sentinel.master_for(
-            service, password=parts.password or query.get("password"), db=int(query.get("db", 0))
+            service,
+            connection_pool_class=MasterPool,
+            password=parts.password or query.get("password"),
+            db=int(query.get("db", 0)),
         )
         return master
     return aioredis.Redis.from_url(url, **opts)

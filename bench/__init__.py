@@ -1,0 +1,13 @@
+"""``make bench``: the gateway against the floors it is built from, one case at a time, under one load.
+
+Every server runs as its own process on 127.0.0.1 and is loaded by ``wrk`` (32 connections, 2 threads)::
+
+    upstream.py   the minimal downstream app every proxying case forwards to
+    floors.py     bare aiohttp servers: hello, mint (SET NX PX), redeem (GETDEL + forward), proxy
+    server.py     the gateway as ``serve`` runs it, with a counter of Redis round trips on a side port
+    load.py       running wrk and reading the one JSON line its Lua ``done()`` prints
+    processes.py  starting, awaiting and stopping the processes (redis-server included)
+    run.py        the cases, in order, and the Redis and memory figures gathered around them
+    report.py     the ratios and targets, the table and ``bench-results.json``
+    wrk/*.lua     the request scripts
+"""

@@ -1,0 +1,379 @@
+"""``make bench``: start redis-server and the upstream, then load each case in turn and report.
+
+Each case gets a fresh server process and an empty Redis (the gateway loads the demo directory at
+start-up), a warm-up of ``BENCH_WARMUP`` seconds (default 2) and a measured run of ``BENCH_DURATION``
+seconds (default 10). A floor and the gateway case compared with it run back to back, so that the
+ratios, which are what matter on a shared machine, see the same noise. Then a fresh gateway mints
+100k and 200k grants while its RSS is read. Results: a table on stdout and ``bench-results.json``.
+
+    python -m bench.run
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import redis
+import yaml
+
+from . import floors, processes
+from .load import THREADS, Load, wrk
+from .processes import PYTHON, BenchError, Process, free_port, get_json, get_text, ready_url, start
+from .report import Figures, GatewayRun, write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The seed request of the ActivePlatform dialect, and the demo data it relies on (config.yaml, directory.yaml).
+APP = "control-panel"
+MINT_PATH = "/api/v3/resellers/1/user_authentication/token?account_id=505"
+MINT_HEADERS = ("X-Api-Token: vY5fwetestK3gJXZH5uHCw",)
+REDEEM_PREFIX = "/?user_email=example%40activeplatform.com&user_token="
+PASS_PATH = "/app/dashboard?tab=overview"
+FLOOR_REDEEM_PREFIX = "/redeem?token="
+RSS_MARKS = (100_000, 200_000)
+TOKEN_MARGIN = 1.5  # a redeem run gets fresh tokens for 1.5 times the rate it is expected to reach
+
+
+def _seconds(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    if not value.isdigit() or int(value) < 1:
+        raise BenchError(f"{name}: expected a whole number of seconds, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One wrk load: ``args`` go to the script's ``init``."""
+
+    url: str
+    script: str = "report.lua"
+    headers: Sequence[str] = ()
+    args: Sequence[str] = ()
+
+    def run(self, seconds: int) -> Load:
+        return wrk(self.url, seconds, script=self.script, args=self.args, headers=self.headers)
+
+
+@dataclass
+class Bench:
+    """One run: its scratch folder, Redis, upstream and gateway config, and the figures so far."""
+
+    tmp: Path
+    duration: int
+    warmup: int
+    redis: redis.Redis
+    redis_url: str
+    upstream_url: str
+    config: Path
+    prefix: str
+    figures: Figures
+
+    def measure(self, workload: Workload) -> Load:
+        workload.run(self.warmup)
+        return workload.run(self.duration)
+
+    # -- servers ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def floor(self, name: str) -> Iterator[str]:
+        self.redis.flushall()
+        port = free_port()
+        args = [PYTHON, "-m", "bench.floors", name, "--port", str(port), "--redis", self.redis_url,
+                "--upstream", self.upstream_url]  # fmt: skip
+        process = start(f"floor-{name}", args, self.tmp, cwd=ROOT)
+        try:
+            process.wait_listening(port)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.stop()
+
+    @contextlib.contextmanager
+    def gateway(self) -> Iterator[Gateway]:
+        """One gateway worker (bench/server.py) on an empty Redis."""
+        self.redis.flushall()
+        port, stats_port = free_port(), free_port()
+        args = [PYTHON, "-m", "bench.server", "--config", str(self.config), "--port", str(port),
+                "--stats-port", str(stats_port)]  # fmt: skip
+        process = start("gateway", args, self.tmp, cwd=ROOT)
+        try:
+            gateway = Gateway(process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{stats_port}", self)
+            process.wait_until(ready_url(gateway.url + "/readyz"))
+            yield gateway
+        finally:
+            process.stop()
+
+    @contextlib.contextmanager
+    def gateway_workers(self, workers: int) -> Iterator[str]:
+        """``impersonation-gateway serve --workers N``, every worker listening on the same port."""
+        self.redis.flushall()
+        port = free_port()
+        script = Path(PYTHON).parent / "impersonation-gateway"
+        command = [str(script)] if script.exists() else [PYTHON, "-m", "gateway"]
+        args = [*command, "serve", "--config", str(self.config), "--port", str(port), "--workers", str(workers)]
+        process = start(f"gateway-{workers}-workers", args, self.tmp, cwd=ROOT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            process.wait_listening(port, sockets=workers)
+            process.wait_until(ready_url(url + "/readyz"))
+            yield url
+        finally:
+            process.stop()
+
+    # -- Redis figures ------------------------------------------------------------------------------
+    def commandstats(self) -> dict[str, int]:
+        info = self.redis.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items() if k != "cmdstat_info"}
+
+    def mean_key_bytes(self, pattern: str, sample: int = 200) -> float | None:
+        """The mean ``MEMORY USAGE`` of up to ``sample`` keys under the store prefix matching ``pattern``."""
+        keys = list(itertools.islice(self.redis.scan_iter(match=self.prefix + pattern, count=1000), sample))
+        sizes = [self.redis.memory_usage(k, samples=0) for k in keys]
+        known = [s for s in sizes if s is not None]
+        return sum(known) / len(known) if known else None
+
+    # -- fresh tokens -------------------------------------------------------------------------------
+    def warm_redeem(self, url: str, prefix: str, supply: Callable[[int], list[str]], bound_rps: float) -> Workload:
+        """Warm up a redeem load with enough fresh tokens for ``bound_rps`` (a rate it cannot beat), then get
+        enough for the measured run at the warm-up's rate (with a margin) and return that run's load.
+
+        ``supply(n)`` makes at least ``n`` grants and returns their tokens; wrk sends GET ``prefix``+token.
+        """
+        warm = self.redeem_load(url, prefix, "warm", supply(_tokens_needed(bound_rps, self.warmup)))
+        rate = min(bound_rps, warm.run(self.warmup).rps * TOKEN_MARGIN)
+        return self.redeem_load(url, prefix, "measure", supply(_tokens_needed(rate, self.duration)))
+
+    def redeem_load(self, url: str, prefix: str, name: str, tokens: Sequence[str]) -> Workload:
+        """A redeem.lua load on ``tokens``, dealt to one file per wrk thread (``<name>.<thread id>``)."""
+        path = self.tmp / f"tokens-{name}"
+        for thread in range(THREADS):
+            Path(f"{path}.{thread}").write_text("".join(t + "\n" for t in tokens[thread::THREADS]))
+        return Workload(url, "redeem.lua", args=[str(path), prefix])
+
+    def mint_tokens(self, url: str, needed: int, rate: float) -> list[str]:
+        """Mint at least ``needed`` grants through the gateway's HTTP API and return their tokens."""
+        out = self.tmp / "minted"
+        tokens: list[str] = []
+        while len(tokens) < needed:
+            seconds = max(1, math.ceil((needed - len(tokens)) / max(rate, 1.0) * 1.1))
+            load = Workload(url + MINT_PATH, "collect.lua", MINT_HEADERS, [str(out), "owner_token"]).run(seconds)
+            got = [t for i in range(THREADS) for t in Path(f"{out}.{i}").read_text().split()]
+            if not got:
+                raise BenchError(f"minting returned no tokens ({load.status_errors} error answers)")
+            tokens += got
+            rate = load.rps
+        return tokens
+
+    def set_floor_tokens(self, needed: int) -> list[str]:
+        """Store ``needed`` keys for the redeem floor directly, pipelined."""
+        tokens = [secrets.token_urlsafe(24) for _ in range(needed)]
+        for first in range(0, needed, 10_000):
+            pipe = self.redis.pipeline(transaction=False)
+            for token in tokens[first : first + 10_000]:
+                pipe.set(floors.KEY_PREFIX + token, floors.GRANT, px=600_000)
+            pipe.execute()
+        return tokens
+
+
+def _tokens_needed(rps: float, seconds: int) -> int:
+    return math.ceil(rps * seconds * TOKEN_MARGIN) + 1000
+
+
+@dataclass
+class Gateway:
+    """A running bench/server.py: its address, its counters and its memory."""
+
+    process: Process
+    url: str
+    stats_url: str
+    bench: Bench
+
+    def served(self, kind: str) -> int:
+        """Requests of ``kind`` (mint, redeem, pass, ...) the gateway counted in its latency histogram."""
+        prefix = f'gateway_request_duration_seconds_count{{kind="{kind}"}} '
+        for line in get_text(self.url + "/metrics").splitlines():
+            if line.startswith(prefix):
+                return int(float(line[len(prefix) :]))
+        return 0
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise BenchError("no VmRSS in /proc")
+
+    def measure(self, kind: str, workload: Workload, *, warm: bool = True) -> GatewayRun:
+        """Warm up (unless done already), then measure, counting the gateway's requests of ``kind``, its Redis
+        round trips, the commands Redis ran and the requests the upstream saw in between."""
+        if warm:
+            workload.run(self.bench.warmup)
+        before = self.counters(kind)
+        load = workload.run(self.bench.duration)
+        after = self.counters(kind)
+        return GatewayRun(
+            load=load,
+            served=after.served - before.served,
+            round_trips=_delta(after.round_trips, before.round_trips),
+            commands=_delta(after.commands, before.commands),
+            upstream_requests=after.upstream_requests - before.upstream_requests,
+            upstream_assertions=after.upstream_assertions - before.upstream_assertions,
+        )
+
+    def counters(self, kind: str) -> Counters:
+        stats = get_json(self.stats_url + "/stats")
+        upstream = get_json(self.bench.upstream_url + "/upstream-stats")
+        return Counters(
+            served=self.served(kind),
+            round_trips={**stats["by_command"], "total": stats["round_trips"]},
+            commands=self.bench.commandstats(),
+            upstream_requests=upstream["requests"],
+            upstream_assertions=upstream["assertions"],
+        )
+
+
+class Counters(NamedTuple):
+    """What the gateway, Redis and the upstream have counted so far."""
+
+    served: int  # the gateway's requests of one kind
+    round_trips: dict[str, int]  # the gateway's, by first command, and "total"
+    commands: dict[str, int]  # Redis's, by name
+    upstream_requests: int
+    upstream_assertions: int  # requests that reached the upstream with an assertion
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+
+
+def write_config(tmp: Path, redis_url: str, upstream_url: str, grant_ttl: int) -> tuple[Path, str]:
+    """The demo config (config.yaml) pointed at the bench's Redis and upstream, with a shared signing key and
+    the ActivePlatform app redeeming on GET; returns its path and the store prefix."""
+    raw: dict[str, Any] = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
+    key = tmp / "assertion.pem"
+    processes.run([PYTHON, "-m", "gateway", "keys", "generate", str(key)], cwd=ROOT)
+    raw["store"] = {**(raw.get("store") or {}), "url": redis_url}
+    raw["assertion"] = {**(raw.get("assertion") or {}), "private_key_file": str(key)}
+    directory = raw.get("directory") or {}
+    if directory.get("file"):
+        raw["directory"] = {**directory, "file": str((ROOT / directory["file"]).resolve())}
+    for name, app in raw["apps"].items():
+        app["upstream"] = upstream_url
+        if name == APP:
+            # Pre-minted grants must outlive the warm-up and the measured run of the redeem case.
+            app.update(redeem_on_get=True, grant_ttl_seconds=max(int(app.get("grant_ttl_seconds", 60)), grant_ttl))
+    path = tmp / "bench.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path, str((raw.get("store") or {}).get("prefix", "igw:"))
+
+
+# -- the cases ----------------------------------------------------------------------------------------
+def floor_case(bench: Bench, name: str, path: str) -> None:
+    with bench.floor(name) as url:
+        bench.figures.add(f"floor_{name}", bench.measure(Workload(url + path)))
+
+
+def mint_case(bench: Bench) -> None:
+    with bench.gateway() as gateway:
+        bench.figures.add_gateway(
+            "mint", gateway.measure("mint", Workload(gateway.url + MINT_PATH, headers=MINT_HEADERS))
+        )
+        bench.figures.redis_bytes_per_grant = bench.mean_key_bytes("grant:*")
+
+
+def floor_redeem_case(bench: Bench) -> None:
+    """Keys are stored with SET beforehand; hello's rate bounds how many a run can redeem."""
+    with bench.floor("redeem") as url:
+        load = bench.warm_redeem(url, FLOOR_REDEEM_PREFIX, bench.set_floor_tokens, bench.figures.rps("floor_hello"))
+        bench.figures.add("floor_redeem", load.run(bench.duration))
+
+
+def redeem_case(bench: Bench) -> None:
+    """Grants are minted beforehand through the gateway's own API; floor-redeem's rate bounds how many a run
+    can redeem."""
+    with bench.gateway() as gateway:
+
+        def supply(needed: int) -> list[str]:
+            return bench.mint_tokens(gateway.url, needed, bench.figures.rps("mint"))
+
+        load = bench.warm_redeem(gateway.url, REDEEM_PREFIX, supply, bench.figures.rps("floor_redeem"))
+        bench.figures.add_gateway("redeem", gateway.measure("redeem", load, warm=False))
+        bench.figures.redis_bytes_per_tombstone = bench.mean_key_bytes("used:*")
+
+
+def passthrough_case(bench: Bench) -> None:
+    with bench.gateway() as gateway:
+        bench.figures.add_gateway("passthrough", gateway.measure("pass", Workload(gateway.url + PASS_PATH)))
+
+
+def workers_case(bench: Bench, workers: int = 2) -> None:
+    with bench.gateway_workers(workers) as url:
+        bench.figures.add(f"mint_workers{workers}", bench.measure(Workload(url + MINT_PATH, headers=MINT_HEADERS)))
+
+
+def rss_case(bench: Bench) -> None:
+    """A fresh gateway mints until it has served each of :data:`RSS_MARKS`; its RSS is read at each."""
+    with bench.gateway() as gateway:
+        bench.figures.rss_mb_at_start = gateway.rss_mb()
+        mint = Workload(gateway.url + MINT_PATH, headers=MINT_HEADERS)
+        rate = bench.figures.rps("mint")
+        served = 0
+        for mark in RSS_MARKS:
+            while served < mark:
+                rate = mint.run(max(1, math.ceil((mark - served) / max(rate, 1.0)))).rps or rate
+                served = gateway.served("mint")
+            bench.figures.rss_marks[mark] = (served, gateway.rss_mb())
+
+
+def run(duration: int, warmup: int) -> Figures:
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch, contextlib.ExitStack() as stack:
+        tmp = Path(scratch)
+        redis_server, redis_port = processes.start_redis(tmp, tmp)
+        stack.callback(redis_server.stop)
+        upstream_port = free_port()
+        upstream = start("upstream", [PYTHON, "-m", "bench.upstream", "--port", str(upstream_port)], tmp, ROOT)
+        stack.callback(upstream.stop)
+        upstream.wait_listening(upstream_port)
+        redis_url, upstream_url = f"redis://127.0.0.1:{redis_port}/0", f"http://127.0.0.1:{upstream_port}"
+        config, prefix = write_config(tmp, redis_url, upstream_url, grant_ttl=120 + 4 * (warmup + duration))
+        client = stack.enter_context(redis.Redis(port=redis_port))
+        figures = Figures(duration, warmup)
+        bench = Bench(tmp, duration, warmup, client, redis_url, upstream_url, config, prefix, figures)
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("floor-hello", lambda: floor_case(bench, "hello", "/")),
+            ("floor-mint", lambda: floor_case(bench, "mint", "/mint")),
+            ("mint", lambda: mint_case(bench)),
+            ("mint, 2 workers", lambda: workers_case(bench)),
+            ("floor-redeem", lambda: floor_redeem_case(bench)),
+            ("redeem", lambda: redeem_case(bench)),
+            ("floor-proxy", lambda: floor_case(bench, "proxy", PASS_PATH)),
+            ("pass-through", lambda: passthrough_case(bench)),
+            ("RSS after 100k and 200k mints", lambda: rss_case(bench)),
+        ]
+        for label, step in steps:
+            print(f"bench: {label}", file=sys.stderr, flush=True)
+            step()
+        return figures
+
+
+def main() -> int:
+    try:
+        figures = run(_seconds("BENCH_DURATION", 10), _seconds("BENCH_WARMUP", 2))
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # every process started has been stopped on the way out
+        return 130
+    write_results(figures, ROOT / "bench-results.json")
+    return 1 if figures.invalid() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

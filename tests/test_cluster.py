@@ -1,0 +1,176 @@
+"""A real three-master Redis Cluster: every store operation across slots and nodes, and two gateway processes
+on it redeeming each grant exactly once, wherever it was minted."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from redis.asyncio.cluster import RedisCluster
+
+from gateway.assertion import generate_key_file
+from gateway.directory import credential_hash, parse_directory
+from gateway.errors import StoreUnavailable
+from gateway.store import Store, connect
+from tests import processes
+from tests.conftest import DIRECTORY, free_port
+from tests.redis_topologies import Cluster, start_cluster
+from tests.test_multiprocess import recording_upstream
+
+SEED = "/api/v3/resellers/1/user_authentication/token?account_id=505"
+MANAGER = {"X-Api-Token": "vY5fwetestK3gJXZH5uHCw"}
+GRANTS = 12
+ATTEMPTS_PER_GRANT = 8  # split across both processes, fired together
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    started = start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+async def store(cluster: Cluster, prefix: str) -> AsyncIterator[Store]:
+    client = connect(cluster.url, 1.0)
+    assert isinstance(client, RedisCluster)
+    yield Store(client, prefix)
+    await client.aclose()
+
+
+def node_of(store: Store, key: str) -> int:
+    """The port of the master that holds ``key``."""
+    assert isinstance(store.redis, RedisCluster)
+    return int(store.redis.get_node_from_key(key).port)
+
+
+async def commands_run(store: Store, port: int, *names: str) -> dict[str, int]:
+    """How many times the node on ``port`` has run each command (INFO commandstats)."""
+    assert isinstance(store.redis, RedisCluster)
+    node = store.redis.get_node(host="127.0.0.1", port=port)
+    assert node is not None
+    stats: dict[str, Any] = await store.redis.info("commandstats", target_nodes=node)
+    return {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in names}
+
+
+def hashes_on_distinct_nodes(store: Store, count: int) -> list[str]:
+    """Random grant hashes whose grant keys live on ``count`` different masters."""
+    found: dict[int, str] = {}
+    while len(found) < count:
+        token_hash = credential_hash(secrets.token_urlsafe(16))
+        found.setdefault(node_of(store, store.grant_key(token_hash)), token_hash)
+    return list(found.values())
+
+
+async def test_every_store_operation_on_a_cluster(store: Store, cluster: Cluster) -> None:
+    assert await store.ping()  # /readyz: every master answers
+
+    # Start-up directory load: one MULTI/EXEC on the master of the {directory} slot.
+    directory_node = node_of(store, store.generation_key)
+    assert node_of(store, store.directory_key("control-panel")) == directory_node
+    before = await commands_run(store, directory_node, "multi", "exec")
+    generation = await store.load_directory(parse_directory(DIRECTORY))
+    after = await commands_run(store, directory_node, "multi", "exec")
+    assert {name: after[name] - before[name] for name in after} == {"multi": 1, "exec": 1}
+    assert await store.generation() == generation
+    read_generation, apps = await store.read_directory(["control-panel", "absent"])
+    assert read_generation == generation and list(apps) == ["control-panel"]
+    assert apps["control-panel"].principal_by_id("mgr-1") is not None
+
+    # Mint: two grants on two different masters and the audit entry, in one pipeline across slots.
+    first, second = hashes_on_distinct_nodes(store, 2)
+    await store.put_grants([(first, b'{"n":1}', 60_000), (second, b'{"n":2}', 60_000)], {"event": "grant_minted"})
+    assert [entry[1] for entry in await store.read_audit()] == [{b"event": b"grant_minted"}]
+
+    # Redeem: the script (EVALSHA, loaded on demand on each master) touches one slot per grant.
+    assert (await store.consume(first)).state == "redeemed"
+    assert (await store.consume(first)).grant == b'{"n":1}'
+    assert (await store.consume(first)).state == "reused"
+    assert (await store.consume(second)).grant == b'{"n":2}'
+    assert (await store.consume(credential_hash("never minted"))).state == "unknown"
+    await store.append_audit({"event": "grant_redeemed"})
+    assert len(await store.read_audit()) == 2
+
+    # Failure counters: several keys on several masters, counted and read back in pipelines.
+    keys = [("client", "127.0.0.1"), *(("credential", h[:12]) for h in hashes_on_distinct_nodes(store, 3))]
+    assert len({node_of(store, store.failure_key(kind, value)) for kind, value in keys}) >= 2
+    assert await store.record_failure(keys, 60) == [1, 1, 1, 1]
+    assert await store.record_failure(keys[:2], 60) == [2, 2]
+    assert await store.failures(keys) == [2, 2, 1, 1]
+    ttls = await asyncio.gather(*(store.redis.ttl(store.failure_key(kind, value)) for kind, value in keys))
+    assert all(0 < ttl <= 60 for ttl in ttls), ttls
+
+
+async def test_a_failed_audit_append_removes_the_grants_from_every_master(store: Store) -> None:
+    await store.redis.set(store.audit_key, "not a stream")  # XADD now fails with WRONGTYPE
+    hashes = hashes_on_distinct_nodes(store, 3)
+    with pytest.raises(StoreUnavailable):
+        await store.put_grants([(h, b"{}", 60_000) for h in hashes], {"event": "grant_minted"})
+    assert await asyncio.gather(*(store.redis.exists(store.grant_key(h)) for h in hashes)) == [0, 0, 0]
+
+
+async def test_two_gateways_on_a_cluster_redeem_each_grant_exactly_once(
+    tmp_path: Path, cluster: Cluster, store: Store, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    upstream, seen = await recording_upstream(aiohttp_server)
+    key = tmp_path / "signing.pem"
+    generate_key_file(key)
+    ports = [free_port(), free_port()]
+    apps = {"control-panel": {"dialect": "activeplatform", "upstream": upstream, "redeem_on_get": True}}
+    configs = [
+        processes.write_config(tmp_path, cluster.url, port, apps=apps, prefix=store.prefix,
+                               assertion={"private_key_file": str(key)})
+        for port in ports
+    ]  # fmt: skip
+    procs = [processes.start(c) for c in configs]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    with processes.running(*procs):
+        for url, proc in zip(urls, procs, strict=True):
+            await processes.wait_ready(url, proc)  # /readyz pings every master
+        assert await store.generation() is not None  # each loaded the directory file at start-up
+        async with aiohttp.ClientSession() as session:
+
+            async def mint(url: str) -> str:
+                async with session.get(url + SEED, headers=MANAGER) as response:
+                    assert response.status == 200, await response.text()
+                    body = await response.json(content_type=None)
+                return f"/?user_email={body['owner_email']}&user_token={body['owner_token']}"
+
+            async def attempt(url: str) -> int:
+                async with session.get(url) as response:
+                    await response.read()
+                    return response.status
+
+            # Minted on one process, redeemed on the other, in both directions.
+            for minter, redeemer in ((0, 1), (1, 0)):
+                link = await mint(urls[minter])
+                assert await attempt(urls[redeemer] + link) == 200
+                assert await attempt(urls[minter] + link) == 401
+
+            # Many grants minted on either process, each raced by both.
+            links = [await mint(urls[i % 2]) for i in range(GRANTS)]
+            for link in links:
+                statuses = await asyncio.gather(*(attempt(urls[i % 2] + link) for i in range(ATTEMPTS_PER_GRANT)))
+                assert sorted(statuses) == [200] + [401] * (ATTEMPTS_PER_GRANT - 1), statuses
+
+            # A wrong credential is counted in the cluster.
+            async with session.get(urls[0] + SEED, headers={"X-Api-Token": "wrong"}) as response:
+                assert response.status == 401
+    assert [processes.stop(p) for p in procs] == [0, 0]
+    redeemed = GRANTS + 2
+    assert len(seen) == redeemed and all(seen), "each grant reached the upstream once, with an assertion"
+
+    # The grants (now tombstones) are spread over the masters, and the audit stream holds every event.
+    assert isinstance(store.redis, RedisCluster)
+    tombstones = [k async for k in store.redis.scan_iter(match=f"{store.prefix}used:*")]
+    assert len(tombstones) == redeemed
+    assert len({node_of(store, k.decode()) for k in tombstones}) >= 2
+    events = [entry[1][b"event"] for entry in await store.read_audit(count=1000)]
+    assert events.count(b"grant_minted") == redeemed and events.count(b"grant_redeemed") == redeemed
+    assert [k async for k in store.redis.scan_iter(match=f"{store.prefix}fail:*")]

@@ -1,0 +1,467 @@
+"""The OpenAPI description (``gateway/openapi.yaml``, served at ``/openapi.json``) kept true: it is valid
+OpenAPI 3.1, it names every route the dialects and the app define and nothing else, and real answers to
+real requests (every documented status of every operation) fit it.
+
+``assert_conforms`` is the one place that judges an answer against the description; the fuzz tests use it too.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.metadata
+import importlib.resources
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import jsonschema_rs  # schemathesis's own JSON Schema validator
+import pytest
+import redis.asyncio as aioredis
+import schemathesis
+import yaml
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app
+from gateway.core import Gateway
+from gateway.dialects import Dialect, Endpoint, HttpRequest, all_dialects
+from gateway.dialects.btcdirect import CATALOGUE, BtcDirect
+from gateway.metrics import Metrics
+from tests.conftest import KEY, GatewayFactory, Upstream, free_port, make_config
+
+SPEC: dict[str, Any] = yaml.safe_load(importlib.resources.files("gateway").joinpath("openapi.yaml").read_text("utf-8"))
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+DIALECT_TAGS = frozenset(all_dialects())
+
+
+# -- judging an answer against the description -------------------------------------------------------------
+def _escape(token: str) -> str:
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+def _resolve(node: dict[str, Any], pointer: str) -> tuple[dict[str, Any], str]:
+    """Follow local ``$ref``s: the node and its JSON pointer in the description."""
+    while "$ref" in node:
+        pointer = node["$ref"]
+        node = SPEC
+        for token in pointer.removeprefix("#/").split("/"):
+            node = node[token.replace("~1", "/").replace("~0", "~")]
+    return node, pointer
+
+
+@functools.cache
+def _validator(pointer: str) -> Any:
+    return jsonschema_rs.validator_for({**SPEC, "$ref": pointer})
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{[^}/]+\})", template)
+    return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
+
+
+def find_operation(method: str, path: str) -> tuple[str, dict[str, Any], str]:
+    """The described operation for ``method`` and a concrete ``path``: its template, object and pointer."""
+    for template, item in SPEC["paths"].items():
+        if method.lower() in item and _template_pattern(template).fullmatch(path):
+            return template, item[method.lower()], f"#/paths/{_escape(template)}/{method.lower()}"
+    raise AssertionError(f"{method} {path} is not described in gateway/openapi.yaml")
+
+
+def assert_conforms(method: str, path: str, status: int, headers: Mapping[str, str], body: bytes) -> None:
+    """The answer is a documented status, with its documented headers, media type and body schema."""
+    template, operation, pointer = find_operation(method, path)
+    where = f"{method} {template} -> {status}"
+    responses = operation["responses"]
+    key = str(status) if str(status) in responses else "default"
+    assert key in responses, f"{where}: status not documented ({body[:200]!r})"
+    response, pointer = _resolve(responses[key], f"{pointer}/responses/{key}")
+    for name, declared in response.get("headers", {}).items():
+        header, header_pointer = _resolve(declared, f"{pointer}/headers/{_escape(name)}")
+        value = headers.get(name)
+        if value is None:
+            assert not header.get("required"), f"{where}: header {name} missing"
+            continue
+        instance: Any = int(value) if value.isdigit() and header["schema"].get("type") == "integer" else value
+        errors = [e.message for e in _validator(f"{header_pointer}/schema").iter_errors(instance)]
+        assert not errors, f"{where}: header {name}: {value!r}: {errors}"
+    content = response.get("content")
+    if not content:
+        return
+    media = headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    assert media in content, f"{where}: media type {media!r}, documented {sorted(content)}"
+    is_json = media == "application/json" or media.endswith("+json")
+    data = json.loads(body) if is_json else body.decode("utf-8")
+    errors = [e.message for e in _validator(f"{pointer}/content/{_escape(media)}/schema").iter_errors(data)]
+    assert not errors, f"{where}: body {body[:500]!r} does not fit: {errors}"
+
+
+async def assert_answer_conforms(response: Any, method: str, path: str) -> bytes:
+    body: bytes = await response.read()
+    assert_conforms(method, path, response.status, response.headers, body)
+    return body
+
+
+def operations() -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for template, item in SPEC["paths"].items():
+        for method in METHODS:
+            if method in item:
+                yield method.upper(), template, item[method]
+
+
+def documented_statuses() -> set[tuple[str, str, str]]:
+    return {(m, t, status) for m, t, op in operations() for status in op["responses"]}
+
+
+PATH_PARAMETERS = frozenset(name for template in SPEC["paths"] for name in re.findall(r"\{([^}]+)\}", template))
+
+
+def sample_path(template: str) -> str:
+    return re.sub(r"\{[^}]+\}", "1", template)
+
+
+def described_template(dialect: Dialect, endpoint: Endpoint, params: Mapping[str, str]) -> str:
+    """The described path of a request that ``endpoint`` of ``dialect`` matched with ``params``."""
+    for method, template, operation in operations():
+        names = set(re.findall(r"\{([^}]+)\}", template))
+        if (
+            dialect.name in operation["tags"]
+            and method == endpoint.method
+            and endpoint.pattern.fullmatch(sample_path(template))
+            and names == set(params) & PATH_PARAMETERS  # a group that is no parameter matched literal text
+        ):
+            return template
+    raise AssertionError(
+        f"{dialect.name}: {endpoint.method} {endpoint.pattern.pattern} {dict(params)} is not described"
+    )
+
+
+# -- the description itself ---------------------------------------------------------------------------------
+def test_description_is_valid_openapi_3_1() -> None:
+    assert SPEC["openapi"].startswith("3.1.")
+    schemathesis.openapi.from_dict(copy.deepcopy(SPEC)).validate()  # against the OpenAPI 3.1 meta-schema
+    assert SPEC["info"]["version"] == importlib.metadata.version("impersonation-gateway")
+    for method, template, operation in operations():
+        assert set(operation["tags"]) & (DIALECT_TAGS | {"operations"}), f"{method} {template}: no dialect tag"
+        assert operation["operationId"]
+
+
+def test_every_dialect_endpoint_is_described_and_nothing_else() -> None:
+    for dialect in all_dialects().values():
+        described = [(m, t, op) for m, t, op in operations() if dialect.name in op["tags"]]
+        for endpoint in dialect.endpoints:
+            matches = [
+                t for m, t, _ in described if m == endpoint.method and endpoint.pattern.fullmatch(sample_path(t))
+            ]
+            assert matches, f"{dialect.name}: {endpoint.method} {endpoint.pattern.pattern} is not described"
+        for method, template, operation in described:
+            request = HttpRequest(method=method, path=sample_path(template))
+            if "redemption" in operation["tags"]:  # a carrier on a fixed path, not a mint endpoint
+                assert dialect.reads_body(request) and dialect.match(method, request.path) is None
+                continue
+            matched = dialect.match(method, request.path)
+            assert matched is not None, f"{method} {template} is described for {dialect.name}, which has no such route"
+            endpoint, params = matched
+            declared = {
+                p["name"] for p in (_resolve(p, "")[0] for p in operation.get("parameters", [])) if p["in"] == "path"
+            }
+            captured = {name for name, value in params.items() if value == "1"}  # the others match literal text
+            assert declared == captured, f"{method} {template}: path parameters {declared} != {captured}"
+
+
+def test_every_operations_route_is_described_and_nothing_else() -> None:
+    app = create_app(make_config("openapi:", "http://upstream.invalid"), key=KEY)
+    routes = set()
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        if "path" in info and route.method != "HEAD":
+            routes.add((route.method, info["path"]))
+    assert routes == {(m, t) for m, t, op in operations() if "operations" in op["tags"]}
+
+
+def test_btcdirect_error_codes_are_the_catalogue() -> None:
+    def codes(status: str, template: str = "/api/v1/user/login-token", method: str = "get") -> set[str]:
+        response, _ = _resolve(SPEC["paths"][template][method]["responses"][status], "")
+        schema = response["content"]["application/json"]["schema"]
+        return set(schema["allOf"][1]["properties"]["errors"]["propertyNames"]["enum"])
+
+    by_status = {s: {c for c, e in CATALOGUE.items() if e.status == s} for s in (400, 413, 429, 500)}
+    assert codes("400") == by_status[400]
+    assert codes("413") == by_status[413] == {"ER921"}
+    assert codes("429") == by_status[429] == {"ER920"}
+    assert codes("500") == codes("503") == by_status[500] == {"ER999"}
+
+
+async def test_openapi_json_is_the_yaml(gateway: GatewayFactory) -> None:
+    client = await gateway()
+    response = await client.get("/openapi.json")
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    assert await response.json() == SPEC
+    await assert_answer_conforms(response, "GET", "/openapi.json")
+
+
+# -- real requests, every documented status ----------------------------------------------------------------
+DEMO_APPS: dict[str, Any] = {
+    name: {k: v for k, v in app.items() if k != "upstream"}
+    for name, app in yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))["apps"].items()
+}
+DIRECTORY: dict[str, Any] = yaml.safe_load((ROOT / "directory.yaml").read_text(encoding="utf-8"))
+# The demo has no Denovolab actor whose role may not mint.
+DIRECTORY["apps"]["switch"]["principals"].append(
+    {"id": "viewer-1", "token": "denovolab-viewer-token", "role": "viewer"}
+)
+BODY_LIMIT = 1024
+TOO_LARGE = b"x" * (2 * BODY_LIMIT)
+
+AP = "/api/v3/resellers/{}/user_authentication/token"
+AP_TOKEN = {"X-Api-Token": "vY5fwetestK3gJXZH5uHCw"}
+P3, P2 = "/API3/authentication/authenticateUserByToken", "/API2/auth/authenticateUserByToken"
+EA, DA = "pyramid-enterprise-admin-token", "pyramid-sales-domain-admin-token"
+DN = "/v1/auth/as_client"
+DN_TOKEN = {"X-Auth-Token": "denovolab-demo-admin-token"}
+BTC, INFO, WITH_TOKEN = "/api/v1/user/login-token", "/api/v1/system/info", "/api/v2/user/login-with-token"
+PARTNER = {"Authorization": "Bearer btcdirect-partner-demo-token"}
+USER_ID = {"User-Identifier": "7c3f9a1e2b4d6f8091a3c5e7f9b1d3e5a7c9e1f3"}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    status: int
+    method: str
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    setup: str = "demo"  # demo | limited (one failed credential, limit 1) | down (no store) | broken
+
+    @property
+    def path(self) -> str:
+        return unquote(self.url.partition("?")[0])
+
+
+def pyramid(status: int, fields: Any, path: str = P3, setup: str = "demo") -> Scenario:
+    body = fields if isinstance(fields, bytes) else json.dumps({"data": fields} if path == P2 else fields).encode()
+    return Scenario(status, "POST", path, {"Content-Type": "application/json"}, body, setup)
+
+
+def denovolab(status: int, body: Any, headers: Mapping[str, str] = DN_TOKEN, setup: str = "demo") -> Scenario:
+    return Scenario(status, "POST", DN, headers, body if isinstance(body, bytes) else json.dumps(body).encode(), setup)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    # activeplatform, both forms
+    "ap-200": Scenario(200, "GET", AP.format(1) + "?account_id=505", AP_TOKEN),
+    "ap-200-downstream": Scenario(200, "GET", AP.format(7) + "?account_id=707", AP_TOKEN),
+    "ap-400-missing": Scenario(400, "GET", AP.format(1), AP_TOKEN),
+    "ap-400-value": Scenario(400, "GET", AP.format(1) + "?account_id=five", AP_TOKEN),
+    "ap-401-missing": Scenario(401, "GET", AP.format(1) + "?account_id=505"),
+    "ap-401-unknown": Scenario(401, "GET", AP.format(1) + "?account_id=505", {"X-Api-Token": "guess"}),
+    "ap-403-role": Scenario(403, "GET", AP.format(1) + "?account_id=505", {"X-Api-Token": "marketing-manager-token"}),
+    "ap-403-scope": Scenario(403, "GET", AP.format(1) + "?account_id=505", {"X-Api-Token": "reseller7-manager-token"}),
+    "ap-404-reseller": Scenario(404, "GET", AP.format(2) + "?account_id=505", AP_TOKEN),
+    "ap-404-reseller-name": Scenario(404, "GET", AP.format("one") + "?account_id=505", AP_TOKEN),
+    "ap-404-account": Scenario(404, "GET", AP.format(1) + "?account_id=909", AP_TOKEN),
+    "ap-404-newline": Scenario(404, "GET", AP.format("%0A") + "?account_id=505", AP_TOKEN),
+    "ap-413": Scenario(413, "GET", AP.format(1) + "?account_id=505", AP_TOKEN, TOO_LARGE),
+    "ap-429": Scenario(429, "GET", AP.format(1) + "?account_id=505", AP_TOKEN, setup="limited"),
+    "ap-500": Scenario(500, "GET", AP.format(1) + "?account_id=505", AP_TOKEN, setup="broken"),
+    "ap-503": Scenario(503, "GET", AP.format(1) + "?account_id=505", AP_TOKEN, setup="down"),
+    "ap-path-200": Scenario(200, "GET", AP.format(1) + "/505", AP_TOKEN),
+    "ap-path-400": Scenario(400, "GET", AP.format(1) + "/five", AP_TOKEN),
+    "ap-path-401": Scenario(401, "GET", AP.format(1) + "/505"),
+    "ap-path-403": Scenario(403, "GET", AP.format(1) + "/505", {"X-Api-Token": "marketing-manager-token"}),
+    "ap-path-404": Scenario(404, "GET", AP.format(1) + "/404", AP_TOKEN),
+    "ap-path-413": Scenario(413, "GET", AP.format(1) + "/505", AP_TOKEN, TOO_LARGE),
+    "ap-path-429": Scenario(429, "GET", AP.format(1) + "/505", AP_TOKEN, setup="limited"),
+    "ap-path-500": Scenario(500, "GET", AP.format(1) + "/505", AP_TOKEN, setup="broken"),
+    "ap-path-503": Scenario(503, "GET", AP.format(1) + "/505", AP_TOKEN, setup="down"),
+    # pyramid, API3 and API2
+    "p3-200": pyramid(200, {"token": EA, "userIdentity": "jdoe", "customData": "ticket=4711"}),
+    "p3-200-windows": pyramid(200, {"token": DA, "userIdentity": "SALES\\jdoe", "domain": "sales.example.com"}),
+    "p3-400-empty": pyramid(400, b""),
+    "p3-400-json": pyramid(400, b"{not json"),
+    "p3-400-array": pyramid(400, b"[]"),
+    "p3-400-missing": pyramid(400, {"token": EA}),
+    "p3-400-type": pyramid(400, {"token": EA, "userIdentity": 7}),
+    "p3-400-long": pyramid(400, {"token": EA, "userIdentity": "j" * 600}),
+    "p3-400-mismatch": pyramid(400, {"token": EA, "userIdentity": "HR\\jdoe", "domain": "sales.example.com"}),
+    "p3-400-unknown": pyramid(400, {"token": EA, "userIdentity": "nobody"}),
+    "p3-401-missing": pyramid(401, {"userIdentity": "jdoe"}),
+    "p3-401-unknown": pyramid(401, {"token": "guess", "userIdentity": "jdoe"}),
+    "p3-403-domain": pyramid(403, {"token": DA, "userIdentity": "asmith"}),
+    "p3-413": Scenario(413, "POST", P3, {}, TOO_LARGE),
+    "p3-429": pyramid(429, {"token": EA, "userIdentity": "jdoe"}, setup="limited"),
+    "p3-500": pyramid(500, {"token": EA, "userIdentity": "jdoe"}, setup="broken"),
+    "p3-503": pyramid(503, {"token": EA, "userIdentity": "jdoe"}, setup="down"),
+    "p2-200": pyramid(200, {"token": EA, "userIdentity": "jdoe@example.com"}, P2),
+    "p2-400-data": pyramid(400, b'{"token": "x"}', P2),
+    "p2-400-type": pyramid(400, b'{"data": "jdoe"}', P2),
+    "p2-401": pyramid(401, {"token": "guess", "userIdentity": "jdoe"}, P2),
+    "p2-403": pyramid(403, {"token": DA, "userIdentity": "asmith"}, P2),
+    "p2-413": Scenario(413, "POST", P2, {}, TOO_LARGE),
+    "p2-429": pyramid(429, {"token": EA, "userIdentity": "jdoe"}, P2, setup="limited"),
+    "p2-500": pyramid(500, {"token": EA, "userIdentity": "jdoe"}, P2, setup="broken"),
+    "p2-503": pyramid(503, {"token": EA, "userIdentity": "jdoe"}, P2, setup="down"),
+    # denovolab
+    "dn-200": denovolab(200, {"client_id": "41"}),
+    "dn-200-number": denovolab(200, {"client_id": 41}),
+    "dn-400-missing": denovolab(400, {}),
+    "dn-400-empty": denovolab(400, b""),
+    "dn-400-json": denovolab(400, b"{"),
+    "dn-400-array": denovolab(400, [41]),
+    "dn-400-null": denovolab(400, {"client_id": None}),
+    "dn-400-type": denovolab(400, {"client_id": "forty-one"}),
+    "dn-400-large": denovolab(400, {"client_id": 10**30}),
+    "dn-401-missing": denovolab(401, {"client_id": 41}, {}),
+    "dn-401-unknown": denovolab(401, {"client_id": 41}, {"X-Auth-Token": "guess"}),
+    "dn-403": denovolab(403, {"client_id": 41}, {"X-Auth-Token": "denovolab-viewer-token"}),
+    "dn-404": denovolab(404, {"client_id": 42}),
+    "dn-413": Scenario(413, "POST", DN, DN_TOKEN, TOO_LARGE),
+    "dn-429": denovolab(429, {"client_id": 41}, setup="limited"),
+    "dn-500": denovolab(500, {"client_id": 41}, setup="broken"),
+    "dn-503": denovolab(503, {"client_id": 41}, setup="down"),
+    # btcdirect
+    "btc-200": Scenario(200, "GET", BTC, {**PARTNER, **USER_ID}),
+    "btc-200-key-user-token": Scenario(
+        200,
+        "GET",
+        BTC,
+        {"X-Api-Key": "btcdirect-partner-demo-token", "User-Authorization": "Bearer btcdirect-user-demo-token"},
+    ),
+    "btc-400-ER802": Scenario(400, "GET", BTC, USER_ID),
+    "btc-400-ER800": Scenario(400, "GET", BTC, {"Authorization": "Bearer guess", **USER_ID}),
+    "btc-400-ER805": Scenario(400, "GET", BTC, {"X-Api-Key": "guess", **USER_ID}),
+    "btc-400-ER803": Scenario(400, "GET", BTC, {**PARTNER, "X-Api-Key": "k", **USER_ID}),
+    "btc-400-ER704": Scenario(400, "GET", BTC, PARTNER),
+    "btc-400-ER707": Scenario(400, "GET", BTC, {**PARTNER, "User-Identifier": "short"}),
+    "btc-400-ER705": Scenario(400, "GET", BTC, {**PARTNER, "User-Identifier": "a" * 40}),
+    "btc-400-ER702": Scenario(400, "GET", BTC, {**PARTNER, "User-Authorization": "Bearer guess"}),
+    "btc-400-ER700": Scenario(400, "GET", BTC, {**PARTNER, "User-Authorization": "Bearer"}),
+    "btc-413": Scenario(413, "GET", BTC, {**PARTNER, **USER_ID}, TOO_LARGE),
+    "btc-429": Scenario(429, "GET", BTC, {**PARTNER, **USER_ID}, setup="limited"),
+    "btc-500": Scenario(500, "GET", BTC, {**PARTNER, **USER_ID}, setup="broken"),
+    "btc-503": Scenario(503, "GET", BTC, {**PARTNER, **USER_ID}, setup="down"),
+    "info-200": Scenario(200, "GET", INFO),
+    "info-500": Scenario(500, "GET", INFO, setup="broken"),
+    "with-token-401": Scenario(
+        401, "POST", WITH_TOKEN, {}, b'{"uuid": "45b9313b-fa47-4786-baf1-62969dec31f2", "token": "x"}'
+    ),
+    "with-token-401-garbage": Scenario(401, "POST", WITH_TOKEN, {}, b"\xff\x00"),
+    "with-token-413": Scenario(413, "POST", WITH_TOKEN, {}, TOO_LARGE),
+    "with-token-500": Scenario(500, "POST", WITH_TOKEN, {}, b'{"uuid": "u", "token": "t"}', setup="broken"),
+    "with-token-503": Scenario(503, "POST", WITH_TOKEN, {}, b'{"uuid": "u", "token": "t"}', setup="down"),
+    # operations
+    "healthz-200": Scenario(200, "GET", "/healthz"),
+    "healthz-500": Scenario(500, "GET", "/healthz", setup="broken"),
+    "readyz-200": Scenario(200, "GET", "/readyz"),
+    "readyz-503": Scenario(503, "GET", "/readyz", setup="down"),
+    "readyz-500": Scenario(500, "GET", "/readyz", setup="broken"),
+    "metrics-200": Scenario(200, "GET", "/metrics"),
+    "metrics-500": Scenario(500, "GET", "/metrics", setup="broken"),
+    "jwks-200": Scenario(200, "GET", "/.well-known/jwks.json"),
+    "jwks-500": Scenario(500, "GET", "/.well-known/jwks.json", setup="broken"),
+    "openapi-200": Scenario(200, "GET", "/openapi.json"),
+    "openapi-500": Scenario(500, "GET", "/openapi.json", setup="broken"),
+}
+
+
+def test_the_scenarios_reach_every_documented_status() -> None:
+    reached = {(s.method, find_operation(s.method, s.path)[0], str(s.status)) for s in SCENARIOS.values()}
+    # ``default`` is the app's own answer to a redemption: test_a_redemption_is_the_apps_answer.
+    missing = documented_statuses() - reached - {("POST", WITH_TOKEN, "default")}
+    assert not missing, f"documented but never exercised: {sorted(missing)}"
+    assert reached <= documented_statuses()
+
+
+def _break(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every handler meet an unexpected exception."""
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("unexpected")
+
+    async def async_boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("unexpected")
+
+    for owner, name in ((BtcDirect, "info"), (Metrics, "render")):
+        monkeypatch.setattr(owner, name, boom)
+    for owner, name in ((Gateway, "mint"), (Gateway, "redeem")):
+        monkeypatch.setattr(owner, name, async_boom)
+    for handler in ("healthz", "readyz", "jwks", "openapi"):  # looked up when the app is built
+        monkeypatch.setattr(f"gateway.app.{handler}", async_boom)
+
+
+@pytest.fixture
+async def client_for(
+    gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[str], Awaitable[TestClient[Any, Any]]]:
+    """``await client_for(setup)``: the demo apps and directory, as the scenario's setup wants them."""
+
+    async def make(setup: str) -> TestClient[Any, Any]:
+        server = {"body_limit_bytes": BODY_LIMIT}
+        if setup == "broken":
+            _break(monkeypatch)
+        if setup == "limited":
+            client = await gateway(DEMO_APPS, DIRECTORY, server=server, rate_limit={"failures": 1})
+            assert (await client.get(AP.format(1) + "?account_id=505", headers={"X-Api-Token": "guess"})).status == 401
+            return client
+        return await gateway(DEMO_APPS, DIRECTORY, server=server)
+
+    return make
+
+
+def scenarios(*setups: str) -> list[Any]:
+    return [pytest.param(name, id=name) for name, s in SCENARIOS.items() if s.setup in setups]
+
+
+async def answer(client: TestClient[Any, Any], scenario: Scenario) -> None:
+    response = await client.request(scenario.method, scenario.url, headers=scenario.headers, data=scenario.body)
+    assert response.status == scenario.status, await response.text()
+    await assert_answer_conforms(response, scenario.method, scenario.path)
+
+
+@pytest.mark.parametrize("name", scenarios("demo", "limited", "broken"))
+async def test_answers_fit_the_description(
+    name: str, client_for: Callable[[str], Awaitable[TestClient[Any, Any]]]
+) -> None:
+    scenario = SCENARIOS[name]
+    await answer(await client_for(scenario.setup), scenario)
+
+
+@pytest.mark.parametrize("name", scenarios("down"))
+async def test_outage_answers_fit_the_description(
+    name: str, aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]], upstream: Upstream, prefix: str
+) -> None:
+    redis = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2)  # nothing listens
+    config = make_config(prefix, upstream.url, DEMO_APPS, store={"timeout_seconds": 0.1})
+    try:
+        await answer(await aiohttp_client(create_app(config, redis=redis, key=KEY)), SCENARIOS[name])
+    finally:
+        await redis.aclose()
+
+
+async def test_an_account_without_an_email_is_not_found(gateway: GatewayFactory) -> None:
+    """The login URL carries the owner's e-mail: a grant for an account without one could never be used."""
+    directory = copy.deepcopy(DIRECTORY)
+    directory["apps"]["control-panel"]["subjects"].append({"id": "506", "reseller": 1})
+    client = await gateway(DEMO_APPS, directory)
+    response = await client.get(AP.format(1) + "?account_id=506", headers=AP_TOKEN)
+    assert response.status == 404
+    body = await assert_answer_conforms(response, "GET", AP.format(1))
+    assert json.loads(body)["errors"][0]["detail"] == "Account not found."
+
+
+async def test_a_redemption_is_the_apps_answer(gateway: GatewayFactory, upstream: Upstream) -> None:
+    client = await gateway(DEMO_APPS, DIRECTORY)
+    minted = await client.get(BTC, headers={**PARTNER, **USER_ID})
+    grant = await minted.json()
+    response = await client.post(WITH_TOKEN, json={"uuid": grant["uuid"], "token": grant["token"], "amount": 1})
+    assert response.status == 200  # the recording upstream's own answer, relayed
+    await assert_answer_conforms(response, "POST", WITH_TOKEN)
+    assert json.loads(upstream.requests[-1].body) == {"amount": 1}
+    again = await client.post(WITH_TOKEN, json={"uuid": grant["uuid"], "token": grant["token"]})
+    assert again.status == 401
+    await assert_answer_conforms(again, "POST", WITH_TOKEN)
