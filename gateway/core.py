@@ -12,7 +12,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ class Grant:
     bound: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return orjson.dumps({k: v for k, v in asdict(self).items() if v is not None and v != {}})
+        return orjson.dumps({k: v for k, v in self.__dict__.items() if v is not None and v != {}})
 
     @classmethod
     def from_json(cls, data: bytes) -> Grant:

@@ -12,6 +12,8 @@ from yarl import URL
 
 log = structlog.get_logger("gateway")
 
+BUFFER_LIMIT = 64 * 1024  # upstream answers up to this size (with a Content-Length) are relayed in one piece
+
 # RFC 9110 §7.6.1: these describe one connection, not the message, and are never forwarded.
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
@@ -64,14 +66,21 @@ async def forward(
         async with session.request(
             method, url, headers=headers, data=body, allow_redirects=False, compress=None
         ) as upstream_response:
-            response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason)
+            length = upstream_response.content_length
+            small = length is not None and length <= BUFFER_LIMIT and request.method != "HEAD"
+            # A small answer of known length goes back in one write; anything else streams as it comes.
+            response = web.Response(status=upstream_response.status, reason=upstream_response.reason) if small \
+                else web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason)  # fmt: skip
             for name, value in upstream_response.headers.items():
-                if name.lower() not in HOP_BY_HOP:
+                if name.lower() not in HOP_BY_HOP and not (small and name.lower() == "content-length"):
                     response.headers.add(name, value)
             for name, value in (extra_headers or {}).items():
                 response.headers[name] = value
             for cookie in expire_cookies:
                 response.del_cookie(cookie, path="/")
+            if isinstance(response, web.Response):
+                response.body = await upstream_response.read()
+                return response
             await response.prepare(request)
             async for chunk in upstream_response.content.iter_any():
                 await response.write(chunk)

@@ -16,6 +16,7 @@ share another, so a load is one transaction even on a Cluster.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
 from .directory import AppDirectory
@@ -48,6 +49,7 @@ local tomb = redis.call('GET', KEYS[2])
 if tomb then return {2, tomb} end
 return {0, false}
 """
+_REDEEM_SHA = hashlib.sha1(_REDEEM.encode()).hexdigest()
 
 AnyRedis = aioredis.Redis | RedisCluster
 
@@ -127,18 +129,64 @@ class Consumed:
     grant: bytes | None = None
 
 
-def _fields(event: Mapping[str, str]) -> dict[Any, Any]:
-    return dict(event)
+class AutoPipeline:
+    """Sends the commands that concurrent requests issue in the same moment to Redis as one pipeline.
+
+    Commands queue while a batch is in flight and go out together as the next one, so under load many
+    requests share each round trip (and its system calls and timeout bookkeeping), and when idle a
+    command waits for nothing but the next turn of the event loop. Replies are matched back in order;
+    a failed command fails only its own caller, a failed batch every caller in it.
+    """
+
+    def __init__(self, redis: AnyRedis) -> None:
+        self._redis = redis
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    def submit(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command (``"SET", key, value, ...``); the future holds its reply or its error."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((args, future))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send())
+        return future
+
+    async def _send(self) -> None:
+        batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                pipe = self._redis.pipeline(transaction=False)
+                for args, _ in batch:
+                    pipe.execute_command(*args)
+                try:
+                    replies = await pipe.execute(raise_on_error=False)
+                except Exception as exc:
+                    replies = [exc] * len(batch)
+                for (_, future), reply in zip(batch, replies, strict=True):
+                    if future.done():  # its caller timed out or went away
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        finally:  # cancelled (shutdown): nobody will answer what is still waiting
+            for _, future in [*batch, *self._queue]:
+                future.cancel()
+            self._queue = []
+            self._sender = None
 
 
 class Store:
-    """The gateway's Redis operations, one round trip each unless said otherwise."""
+    """The gateway's Redis operations. The hot ones (mint, redeem, audit, failure counters) share
+    auto-pipelined round trips with concurrent requests; each is one round trip at most."""
 
     def __init__(self, redis: AnyRedis, prefix: str, timeout: float = 1.0) -> None:
         self.redis = redis
         self.prefix = prefix
         self.timeout = timeout
-        self._redeem = redis.register_script(_REDEEM)
+        self._pipeline = AutoPipeline(redis)
 
     # -- keys ---------------------------------------------------------------------------------------
     def grant_key(self, token_hash: str) -> str:
@@ -190,28 +238,32 @@ class Store:
         :class:`StoreUnavailable`, so no grant is handed out unaudited.
         """
         grants = list(grants)
+        submit = self._pipeline.submit
         async with self._call():
-            pipe = self.redis.pipeline(transaction=False)
-            for token_hash, value, ttl_ms in grants:
-                pipe.set(self.grant_key(token_hash), value, nx=True, px=ttl_ms)
-            pipe.xadd(self.audit_key, _fields(audit), maxlen=AUDIT_MAXLEN, approximate=True)
-            results = await pipe.execute(raise_on_error=False)
-            if any(r is not True for r in results[:-1]) or isinstance(results[-1], Exception):
-                # A collision of 128+ random bits is not going to happen; a failed audit append can.
-                await self.redis.delete(*(self.grant_key(h) for h, _, _ in grants))
+            futures = [submit("SET", self.grant_key(h), value, "NX", "PX", ttl_ms) for h, value, ttl_ms in grants]
+            futures.append(submit(*self._xadd(audit)))
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            if any(r not in (True, b"OK", "OK") for r in results[:-1]) or isinstance(results[-1], BaseException):
+                # A collision of 192 random bits is not going to happen; a failed audit append can.
+                await asyncio.gather(*(submit("DEL", self.grant_key(h)) for h, _, _ in grants))  # one slot each
                 raise StoreUnavailable()
 
     async def consume(self, token_hash: str) -> Consumed:
         """Atomically take the grant (GETDEL) and leave its tombstone: one script, one round trip."""
+        keys = (self.grant_key(token_hash), self.tombstone_key(token_hash))
         async with self._call():
-            state, value = await self._redeem(
-                keys=[self.grant_key(token_hash), self.tombstone_key(token_hash)], args=[TOMBSTONE_MS]
-            )
+            try:
+                state, value = await self._pipeline.submit("EVALSHA", _REDEEM_SHA, 2, *keys, TOMBSTONE_MS)
+            except NoScriptError:  # a restarted or flushed Redis: EVAL caches the script again
+                state, value = await self._pipeline.submit("EVAL", _REDEEM, 2, *keys, TOMBSTONE_MS)
         return Consumed({1: "redeemed", 2: "reused"}.get(int(state), "unknown"), value or None)
 
     async def append_audit(self, event: Mapping[str, str]) -> None:
         async with self._call():
-            await self.redis.xadd(self.audit_key, _fields(event), maxlen=AUDIT_MAXLEN, approximate=True)
+            await self._pipeline.submit(*self._xadd(event))
+
+    def _xadd(self, event: Mapping[str, str]) -> tuple[Any, ...]:
+        return ("XADD", self.audit_key, "MAXLEN", "~", AUDIT_MAXLEN, "*", *(x for kv in event.items() for x in kv))
 
     async def read_audit(self, last_id: str = "0", count: int = 100, block_ms: int | None = None) -> list[Any]:
         """Audit entries after ``last_id`` as ``[(id, {field: value})]`` (``block_ms`` waits for new ones)."""
@@ -219,25 +271,15 @@ class Store:
         return list(result[0][1]) if result else []
 
     # -- failed credentials -------------------------------------------------------------------------
-    async def failures(self, keys: Iterable[tuple[str, str]]) -> list[int]:
-        """Current failure counts for each ``(kind, fingerprint)``."""
-        names = [self.failure_key(k, f) for k, f in keys]
-        async with self._call():
-            pipe = self.redis.pipeline(transaction=False)
-            for name in names:
-                pipe.get(name)
-            return [int(v or 0) for v in await pipe.execute()]
-
     async def record_failure(self, keys: Iterable[tuple[str, str]], window_s: int) -> list[int]:
         """Count one failed credential against each ``(kind, fingerprint)``; the window starts at the first."""
         names = [self.failure_key(k, f) for k, f in keys]
+        submit = self._pipeline.submit
         async with self._call():
-            pipe = self.redis.pipeline(transaction=False)
-            for name in names:
-                pipe.incr(name)
-                pipe.expire(name, window_s, nx=True)
-            results = await pipe.execute()
-        return [int(v) for v in results[::2]]
+            counts = [submit("INCR", name) for name in names]
+            expiries = [submit("EXPIRE", name, window_s, "NX") for name in names]
+            results = await asyncio.gather(*counts, *expiries)
+        return [int(v) for v in results[: len(names)]]
 
     # -- directory ----------------------------------------------------------------------------------
     async def load_directory(self, apps: Mapping[str, AppDirectory]) -> str:
