@@ -14,7 +14,7 @@ import hashlib
 import html
 import importlib.resources
 import ipaddress
-import secrets
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -34,6 +34,7 @@ from .config import AppConfig, Config
 from .core import Carrier, Gateway
 from .dialects import Dialect, HttpRequest, all_dialects
 from .errors import GatewayError, PayloadTooLarge, StoreUnavailable
+from .logging import FLUSH_SECONDS, flush_logs
 from .metrics import Metrics
 from .store import AnyRedis, Store, connect
 
@@ -74,6 +75,7 @@ def create_app(
     app[OPENAPI] = openapi_document()
     app.cleanup_ctx.append(_store_ctx(redis))
     app.cleanup_ctx.append(_session_ctx)
+    app.cleanup_ctx.append(_log_flush_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -121,6 +123,20 @@ async def _refresh_directory(gateway: Gateway, every: float) -> None:
             log.exception("directory_refresh_failed")
 
 
+async def _log_flush_ctx(app: web.Application) -> AsyncIterator[None]:
+    async def flush_every() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            flush_logs()
+
+    flusher = asyncio.create_task(flush_every())
+    yield
+    flusher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flusher
+    flush_logs()
+
+
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SESSION] = session = proxy.upstream_session()
     yield
@@ -135,7 +151,7 @@ async def request_middleware(
     """One log line per request (never the query string: it may hold a grant) and the latency histogram."""
     request_id = request.headers.get("X-Request-ID", "")
     if not (0 < len(request_id) <= 64 and request_id.isascii() and request_id.replace("-", "").isalnum()):
-        request_id = secrets.token_hex(8)
+        request_id = f"{random.getrandbits(64):016x}"  # an id, not a secret
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     start = time.perf_counter()
@@ -152,7 +168,7 @@ async def request_middleware(
         return web.Response(status=500, text="Internal Server Error\n")
     finally:
         duration = time.perf_counter() - start
-        request.app[METRICS].latency.labels(request.get(KIND, "other")).observe(duration)
+        request.app[METRICS].observe(request.get(KIND, "other"), duration)
         log.info("request", method=request.method, path=request.path, status=status,
                  duration_ms=round(duration * 1000, 2))  # fmt: skip
 
@@ -207,13 +223,18 @@ def select_apps(config: Config, host: str, path: str) -> tuple[list[AppConfig], 
     return [a for a in mounted if len(a.mount) == mount], next(a.mount for a in mounted if len(a.mount) == mount)
 
 
+@functools.cache
+def _networks(cidrs: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+
 def client_address(request: web.Request, trusted: tuple[str, ...]) -> str:
     """The caller's address: the peer, or the nearest untrusted hop of X-Forwarded-For when the peer is a
     trusted proxy."""
     peer = request.remote or "unknown"
     if not trusted or "X-Forwarded-For" not in request.headers:
         return peer
-    networks = [ipaddress.ip_network(c, strict=False) for c in trusted]
+    networks = _networks(trusted)
 
     def is_trusted(address: str) -> bool:
         try:

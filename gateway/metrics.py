@@ -31,6 +31,14 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
         )
+        self._latency_by_kind: dict[str, Histogram] = {}
+
+    def observe(self, kind: str, seconds: float) -> None:
+        """Record one request's latency (the labelled child is looked up once per kind)."""
+        child = self._latency_by_kind.get(kind)
+        if child is None:
+            child = self._latency_by_kind[kind] = self.latency.labels(kind)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

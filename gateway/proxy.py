@@ -28,7 +28,6 @@ def upstream_session() -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=60),
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
     )
 
 
@@ -41,6 +40,9 @@ def forward_headers(request: web.Request, client: str) -> CIMultiDict[str]:
         if lower in HOP_BY_HOP or lower in connection_tokens or lower == "host":
             continue
         headers.add(name, value)
+    # The client's own wish, or none: the answer is relayed as it comes, never decompressed, so the
+    # upstream must not compress for a client that did not ask (aiohttp would ask for gzip by default).
+    headers.setdefault("Accept-Encoding", "identity")
     prior = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
     headers["X-Forwarded-Proto"] = request.scheme
