@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,20 @@ def test_directory_load_needs_a_shared_store(tmp_path: Path, capsys: pytest.Capt
     config = write_config(tmp_path, "embedded", free_port())
     assert main(["directory", "load", str(tmp_path / "directory.yaml"), "--config", str(config)]) == 2
     assert "needs a shared Redis" in capsys.readouterr().err
+
+
+async def test_audit_tail_prints_the_latest_events(
+    tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, redis_server.url, free_port())
+    prefix = yaml.safe_load(config.read_text())["store"]["prefix"]
+    redis = aioredis.Redis.from_url(redis_server.url)
+    for n in range(3):
+        await redis.xadd(f"{prefix}audit", {"event": "grant_minted", "grant_id": f"g{n}", "actor": "mgr-1"})
+    await redis.aclose()
+    assert await asyncio.to_thread(main, ["audit", "tail", "-n", "2", "--config", str(config)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["event"], e["grant_id"], e["actor"]) for e in lines] == [
+        ("grant_minted", "g1", "mgr-1"), ("grant_minted", "g2", "mgr-1")
+    ]  # fmt: skip
+    assert all(e["id"] for e in lines)
