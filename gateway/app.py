@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 import aiohttp
 import orjson
@@ -439,8 +439,6 @@ def _strip_query(path_qs: str, names: tuple[str, ...]) -> str:
 
 
 def _unquote_name(pair: str) -> str:
-    from urllib.parse import unquote_plus
-
     return unquote_plus(pair.partition("=")[0])
 
 
