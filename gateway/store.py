@@ -18,15 +18,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
@@ -52,6 +54,26 @@ return {0, false}
 _REDEEM_SHA = hashlib.sha1(_REDEEM.encode()).hexdigest()
 
 AnyRedis = aioredis.Redis | RedisCluster
+
+
+class MasterPool(SentinelConnectionPool):
+    """redis-py asks the sentinels for the master only when it opens a connection, so after a failover
+    pooled connections keep writing to the old master, which stays a writable master until the
+    sentinels demote it many seconds later (grants minted there are lost; grants redeemed there
+    stay live on the new one). This pool asks again at most once a second, when a connection is
+    handed out, and moves any connection still open to another address onto the master reported."""
+
+    recheck_at = 0.0
+
+    async def ensure_connection(self, connection: AbstractConnection) -> None:
+        if time.monotonic() >= self.recheck_at:
+            self.recheck_at = time.monotonic() + 1.0
+            with suppress(MasterNotFoundError):  # no sentinel answers: keep the master we know
+                await self.get_master_address()  # type: ignore[no-untyped-call]  # drops idle ones if moved
+        address = (connection.host, connection.port)  # type: ignore[attr-defined]
+        if connection.is_connected and self.master_address is not None and address != self.master_address:
+            await connection.disconnect()
+        await super().ensure_connection(connection)
 
 
 def connect(url: str, timeout: float) -> AnyRedis:
@@ -83,31 +105,6 @@ def connect(url: str, timeout: float) -> AnyRedis:
         service = parts.path.strip("/") or "mymaster"
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         ssl = scheme.startswith("rediss")
-        import time
-        from contextlib import suppress
-
-        from redis.asyncio.connection import AbstractConnection
-        from redis.asyncio.sentinel import MasterNotFoundError, SentinelConnectionPool
-
-        class MasterPool(SentinelConnectionPool):
-            """redis-py asks the sentinels for the master only when it opens a connection, so after a failover
-            pooled connections keep writing to the old master, which stays a writable master until the
-            sentinels demote it many seconds later (grants minted there are lost; grants redeemed there
-            stay live on the new one). This pool asks again at most once a second, when a connection is
-            handed out, and moves any connection still open to another address onto the master reported."""
-
-            recheck_at = 0.0
-
-            async def ensure_connection(self, connection: AbstractConnection) -> None:
-                if time.monotonic() >= self.recheck_at:
-                    self.recheck_at = time.monotonic() + 1.0
-                    with suppress(MasterNotFoundError):  # no sentinel answers: keep the master we know
-                        await self.get_master_address()  # type: ignore[no-untyped-call]  # drops idle ones if moved
-                address = (connection.host, connection.port)  # type: ignore[attr-defined]
-                if connection.is_connected and self.master_address is not None and address != self.master_address:
-                    await connection.disconnect()
-                await super().ensure_connection(connection)
-
         # Bounded and without retries, so one dead sentinel costs a lookup at most ``timeout`` before the next.
         sentinel_opts = {k: opts[k] for k in ("socket_timeout", "socket_connect_timeout", "retry")}
         sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_opts, ssl=ssl, **opts)  # type: ignore[no-untyped-call]
