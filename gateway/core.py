@@ -240,6 +240,9 @@ class Gateway:
             if principal.reseller is None or not directory.within(reseller, principal.reseller):
                 raise Forbidden("scope")
         subject = self._resolve(directory, cmd.target)
+        for name in cmd.bind:  # a grant whose carrier must bring back a value the subject lacks is unusable
+            if getattr(subject, name) is None:
+                raise NotFound("subject", name)
         if reseller is not None and not directory.within(subject.reseller, reseller):
             raise NotFound("subject")
         if principal.domain is not None and not _same_domain(subject.domain, principal.domain):

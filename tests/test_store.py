@@ -159,3 +159,19 @@ async def test_store_outage_is_a_503_in_the_dialect_shape_and_heals(
     finally:
         server.stop() if server.proc.poll() is None else None
         await redis.aclose()
+
+
+async def test_no_grant_is_stored_for_a_subject_that_could_never_redeem_it(
+    gateway: GatewayFactory, redis_client: Any, prefix: str
+) -> None:
+    directory = {"apps": {"control-panel": {
+        "resellers": [{"id": 1}],
+        "principals": [{"id": "mgr-1", "token": "vY5fwetestK3gJXZH5uHCw", "role": "admin", "reseller": 1}],
+        "subjects": [{"id": "505", "reseller": 1}],  # no e-mail: the login URL could not carry it
+    }}}  # fmt: skip
+    client = await gateway(directory=directory)
+    response = await client.get(SEED, headers=MANAGER)
+    assert response.status == 404
+    assert (await response.json(content_type=MEDIA))["errors"][0]["detail"] == "Account not found."
+    assert [k async for k in redis_client.scan_iter(match=f"{prefix}grant:*")] == []
+    assert await redis_client.xlen(f"{prefix}audit") == 0

@@ -120,8 +120,6 @@ class BtcDirect(Dialect):
         )
 
     def render(self, result: MintResult, app: AppConfig, public_url: str) -> web.Response:
-        if result.subject.uuid is None:  # a directory entry without a uuid can never redeem: not a user here
-            return self.render_error(NotFound("subject", "uuid"))
         expiry = datetime.fromtimestamp(result.grant.expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return json_response({"uuid": result.subject.uuid, "token": result.token, "expiryDate": expiry})
 
