@@ -315,25 +315,30 @@ async def _redeem_or_pass(request: web.Request, ctx: _Context) -> web.StreamResp
     dialects = request.app[DIALECTS]
     view = ctx.view
     body: bytes | None = None
-    confirm = False
-    try:
-        if any(dialects[a.dialect].reads_body(view) for a in ctx.apps) or _is_confirmation(request):
+    reader = next((a for a in ctx.apps if dialects[a.dialect].reads_body(view)), None)
+    if reader is not None:  # a carrier may sit in this body
+        try:
             body = await read_body(request, ctx.config.server.body_limit_bytes)
-            view = replace(view, body=body)
-            confirm = _is_confirmation(request) and CONFIRM_FIELD in dict(parse_qsl(body.decode("latin-1")))
-    except PayloadTooLarge as exc:
-        reader = next((a for a in ctx.apps if dialects[a.dialect].reads_body(view)), ctx.apps[0])
-        return dialects[reader.dialect].render_error(exc)
+        except PayloadTooLarge as exc:
+            return dialects[reader.dialect].render_error(exc)
+        view = replace(view, body=body)
     offers: dict[str, dict[str, Carrier]] = {}
     for app in ctx.apps:
         for carrier in dialects[app.dialect].carriers(view):
             offers.setdefault(carrier.token, {}).setdefault(app.name, carrier)
-    if not offers:
+    if not offers:  # an ordinary request: its body streams through, whatever its size
         request[KIND] = "pass"
         return await _forward(request, ctx, ctx.apps[0], body=body)
     request[KIND] = "redeem"
     token, by_app = next(iter(offers.items()))
     first = ctx.config.app(next(iter(by_app)))
+    confirm = False
+    if body is None and _is_confirmation(request):  # perhaps the POST of a scanner-safe confirmation page
+        try:
+            body = await read_body(request, ctx.config.server.body_limit_bytes)
+        except PayloadTooLarge as exc:
+            return dialects[first.dialect].render_error(exc)
+        confirm = CONFIRM_FIELD in dict(parse_qsl(body.decode("latin-1")))
     scanner_safe = any(c.browser and not ctx.config.app(a).redeem_on_get for a, c in by_app.items())
     if request.method == "HEAD" or (request.method == "GET" and scanner_safe):
         return _confirmation_page(request)  # HEAD never consumes; a GET waits for the browser's POST

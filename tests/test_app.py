@@ -184,3 +184,12 @@ async def test_health_and_readiness(gateway: GatewayFactory) -> None:
     client = await gateway()
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/readyz")).status == 200
+
+
+async def test_a_large_form_post_without_a_grant_streams_through(gateway: GatewayFactory, upstream: Upstream) -> None:
+    client = await gateway(server={"body_limit_bytes": 1024})
+    form = {"field": "x" * 5000}
+    response = await client.post("/upload", data=form)
+    assert response.status == 200
+    (seen,) = upstream.requests
+    assert seen.body == b"field=" + b"x" * 5000
