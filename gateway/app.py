@@ -339,9 +339,17 @@ async def _redeem_or_pass(request: web.Request, ctx: _Context) -> web.StreamResp
         except PayloadTooLarge as exc:
             return dialects[first.dialect].render_error(exc)
         confirm = CONFIRM_FIELD in dict(parse_qsl(body.decode("latin-1")))
-    scanner_safe = any(c.browser and not ctx.config.app(a).redeem_on_get for a, c in by_app.items())
-    if request.method == "HEAD" or (request.method == "GET" and scanner_safe):
-        return _confirmation_page(request)  # HEAD never consumes; a GET waits for the browser's POST
+    # Links are what scanners and previewers follow; cookies and headers (passive carriers, which may also
+    # hold the app's own session) are not, so only a link waits for the browser's confirming POST.
+    link = any(c.browser and not c.passive for c in by_app.values())
+    scanner_safe = link and any(not ctx.config.app(a).redeem_on_get for a in by_app)
+    if request.method == "HEAD":  # never consumes
+        if not link:
+            request[KIND] = "pass"
+            return await _forward(request, ctx, ctx.apps[0], body=body)
+        return _confirmation_page(request)
+    if request.method == "GET" and scanner_safe:
+        return _confirmation_page(request)
     try:
         redemption = await request.app[GATEWAY].redeem(token, by_app, view.client)
     except GatewayError as exc:

@@ -193,3 +193,30 @@ async def test_a_large_form_post_without_a_grant_streams_through(gateway: Gatewa
     assert response.status == 200
     (seen,) = upstream.requests
     assert seen.body == b"field=" + b"x" * 5000
+
+
+PYRAMID = {"analytics": {"dialect": "pyramid"}}  # redeem_on_get: false, the default
+PYRAMID_DIRECTORY = {"apps": {"analytics": {
+    "principals": [{"id": "ea-1", "token": "ea-token", "role": "enterprise_admin"}],
+    "subjects": [{"id": "jdoe", "domain": "sales.example.com", "email": "jdoe@example.com"}],
+}}}  # fmt: skip
+
+
+async def test_a_cookie_carrier_needs_no_confirmation_and_an_app_session_cookie_passes(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    client = await gateway(apps=PYRAMID, directory=PYRAMID_DIRECTORY)
+    # The app's own session in the same cookie: every method reaches the app, untouched, unconfirmed.
+    for method in ("GET", "HEAD"):
+        response = await client.request(method, "/reports", headers={"Cookie": "PyramidAuth=app-session"})
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("application/json")
+    assert ["PyramidAuth=app-session" in r.headers["Cookie"] for r in upstream.requests] == [True, True]
+    # A grant in the cookie is redeemed by the GET itself (no scanner sends the user's cookies).
+    minted = await client.post("/API3/authentication/authenticateUserByToken",
+                               json={"token": "ea-token", "userIdentity": "jdoe"})  # fmt: skip
+    token = await minted.text()
+    response = await client.get("/reports", headers={"Cookie": f"PyramidAuth={token}"})
+    assert response.status == 200
+    assert "PyramidAuth" not in upstream.requests[-1].headers.get("Cookie", "")
+    assert upstream.claims(audience="analytics")["sub"] == "jdoe"
