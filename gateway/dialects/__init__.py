@@ -54,10 +54,6 @@ class Dialect(ABC):
                 return endpoint, {k: v for k, v in m.groupdict().items() if v is not None}
         return None
 
-    def owns_path(self, path: str) -> bool:
-        """True when ``path`` is one of this dialect's endpoints, whatever the method."""
-        return any(e.pattern.fullmatch(path) for e in self.endpoints)
-
     @abstractmethod
     def parse(self, req: HttpRequest, app: AppConfig) -> ImpersonationCommand:
         """The command in a mint request; raises a GatewayError for bad input."""
