@@ -165,6 +165,8 @@ async def request_middleware(
         raise
     except Exception:
         log.exception("unhandled_error")
+        if request.get(proxy.STREAMING):  # too late for a status: aiohttp drops the connection
+            raise
         return web.Response(status=500, text="Internal Server Error\n")
     finally:
         duration = time.perf_counter() - start

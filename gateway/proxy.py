@@ -12,6 +12,7 @@ from yarl import URL
 
 log = structlog.get_logger("gateway")
 
+STREAMING = web.RequestKey("streaming", bool)  # the relayed answer's status line is already sent
 BUFFER_LIMIT = 64 * 1024  # upstream answers up to this size (with a Content-Length) are relayed in one piece
 
 # RFC 9110 §7.6.1: these describe one connection, not the message, and are never forwarded.
@@ -84,10 +85,13 @@ async def forward(
                 response.body = await upstream_response.read()
                 return response
             await response.prepare(request)
+            request[STREAMING] = True
             async for chunk in upstream_response.content.iter_any():
                 await response.write(chunk)
             await response.write_eof()
             return response
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.warning("upstream_unreachable", upstream=upstream, error=type(exc).__name__)
+        if request.get(STREAMING):  # the answer has begun: all that is left is to cut the connection
+            raise
         return web.Response(status=502, text="Bad Gateway: the upstream application did not answer.\n")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import fakeredis
 import jwt
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from gateway.app import create_app
@@ -220,3 +222,25 @@ async def test_a_cookie_carrier_needs_no_confirmation_and_an_app_session_cookie_
     assert response.status == 200
     assert "PyramidAuth" not in upstream.requests[-1].headers.get("Cookie", "")
     assert upstream.claims(audience="analytics")["sub"] == "jdoe"
+
+
+async def test_an_upstream_failing_mid_answer_cuts_the_connection(
+    aiohttp_client: Any, aiohttp_server: Any, prefix: str
+) -> None:
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"first part")
+        assert request.transport is not None
+        request.transport.abort()  # the upstream dies half-way
+        return response
+
+    app = web.Application()
+    app.router.add_get("/big", broken)
+    server = await aiohttp_server(app)
+    config = make_config(prefix, str(server.make_url("")).rstrip("/"))
+    client = await aiohttp_client(create_app(config, redis=fakeredis.FakeAsyncRedis(), key=KEY))
+    with pytest.raises(aiohttp.ClientPayloadError):
+        response = await client.get("/big")
+        assert response.status == 200  # the relayed status went out before the failure
+        await response.read()
