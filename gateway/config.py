@@ -7,8 +7,10 @@ message that names the key (``store.timeout_seconds: expected a number, got 'soo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -41,6 +43,8 @@ class ServerConfig:
     public_url: str = "http://127.0.0.1:8080"
     trusted_proxies: tuple[str, ...] = ()
     body_limit_bytes: int = 65536
+    body_timeout_seconds: float = 30.0  # a body the gateway reads whole, or a pause in one it streams
+    upstream_connections: int = 256  # open connections per upstream address, at most
     drain_seconds: float = 10.0
 
 
@@ -82,6 +86,8 @@ class AppConfig:
     public_url: str | None = None
     mint_roles: tuple[str, ...] = ()
     redeem_on_get: bool = False
+    connect_timeout_seconds: float = 5.0
+    read_timeout_seconds: float = 300.0  # the longest pause in the upstream's answer; 0 = none
 
     @property
     def roles_allowed_to_mint(self) -> tuple[str, ...]:
@@ -98,10 +104,11 @@ class Config:
     apps: tuple[AppConfig, ...] = ()
 
     def app(self, name: str) -> AppConfig:
-        for app in self.apps:
-            if app.name == name:
-                return app
-        raise KeyError(name)
+        return self._apps_by_name[name]
+
+    @functools.cached_property
+    def _apps_by_name(self) -> dict[str, AppConfig]:
+        return {app.name: app for app in self.apps}
 
     def public_url_of(self, app: AppConfig) -> str:
         return (app.public_url or self.server.public_url).rstrip("/")
@@ -235,6 +242,10 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     )
 
 
+_MOUNT = re.compile(r"(?:/[A-Za-z0-9._~-]+)+")
+_HOST = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
 def _check_url(key: str, url: str, schemes: tuple[str, ...]) -> None:
     parts = urlsplit(url)
     if parts.scheme not in schemes or not parts.netloc:
@@ -257,6 +268,8 @@ def _validate(config: Config) -> None:
         except ValueError:
             raise ConfigError(f"server.trusted_proxies[{i}]: not a CIDR: {cidr!r}") from None
     _positive("server.body_limit_bytes", s.body_limit_bytes)
+    _positive("server.body_timeout_seconds", s.body_timeout_seconds)
+    _positive("server.upstream_connections", s.upstream_connections)
     _positive("server.drain_seconds", s.drain_seconds)
     url = config.store.url
     schemes = ("redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
@@ -278,7 +291,19 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{key}.dialect: expected one of {', '.join(DIALECTS)}, got {app.dialect!r}")
         _check_url(f"{key}.upstream", app.upstream, ("http", "https"))
         _positive(f"{key}.grant_ttl_seconds", app.grant_ttl_seconds)
-        if app.mount and (not app.mount.startswith("/") or app.mount.endswith("/")):
-            raise ConfigError(f"{key}.mount: expected '' or a path like '/crm' (no trailing slash), got {app.mount!r}")
+        _positive(f"{key}.connect_timeout_seconds", app.connect_timeout_seconds)
+        if app.read_timeout_seconds < 0:
+            raise ConfigError(f"{key}.read_timeout_seconds: expected 0 (none) or more, got {app.read_timeout_seconds}")
+        if app.mount and (not _MOUNT.fullmatch(app.mount) or {".", ".."} & set(app.mount.split("/"))):
+            raise ConfigError(
+                f"{key}.mount: expected '' or a path like '/crm' (letters, digits, '.', '_', '~', '-'; no trailing "
+                f"slash), got {app.mount!r}"
+            )
+        for i, host in enumerate(app.hosts):
+            if not _HOST.fullmatch(host):
+                raise ConfigError(f"{key}.hosts[{i}]: expected a host name, optionally with ':port', got {host!r}")
+        parts = urlsplit(app.upstream)
+        if parts.query or parts.fragment or parts.username is not None:
+            raise ConfigError(f"{key}.upstream: expected scheme://host[:port][/base/path], got {app.upstream!r}")
         if app.public_url is not None:
             _check_url(f"{key}.public_url", app.public_url, ("http", "https"))

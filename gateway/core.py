@@ -2,7 +2,7 @@
 
 A dialect turns a vendor request into an :class:`ImpersonationCommand`; :class:`Gateway` authenticates
 the actor against the directory, applies policy, and mints a grant through the store. A browser coming
-back with the grant in a :class:`Carrier` is redeemed here too: the grant is consumed atomically, the
+back with the grant (an :class:`Offer`) is redeemed here too: the grant is consumed atomically, the
 policy checked again, and a signed assertion made for the downstream app. Nothing here knows HTTP.
 """
 
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import structlog
@@ -91,25 +92,32 @@ class MintResult:
     extra: Mapping[str, tuple[str, Grant]] = field(default_factory=dict)  # scope -> (token, grant)
 
 
+# What a grant token looks like: 24 random bytes, base64url without padding. Only such a value in a carrier
+# is offered for redemption (and the nginx configuration routes on the same shape).
+TOKEN_BYTES = 24
+TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{32}")
+
+
 @dataclass(frozen=True)
-class Carrier:
-    """Where a request holds a grant token, and what to remove before forwarding it."""
+class Offer:
+    """A grant token found in one of ``app``'s carriers of a request.
+
+    ``bound`` holds the values found beside it that must equal the grant's (its e-mail, its uuid). A
+    ``passive`` carrier may hold the app's own credential instead: a token there that is no grant is not
+    a redemption.
+    """
 
     token: str
-    bound: Mapping[str, str] = field(default_factory=dict)  # values that must match the grant's
-    query: tuple[str, ...] = ()
-    cookies: tuple[str, ...] = ()
-    headers: tuple[str, ...] = ()
-    body_fields: tuple[str, ...] = ()
-    browser: bool = True  # arrives by following a link: subject to scanner-safe redemption
-    passive: bool = False  # may hold the app's own credential instead: a miss is not a redemption
+    app: str
+    bound: Mapping[str, str] = field(default_factory=dict)
+    passive: bool = False
 
 
 @dataclass(frozen=True)
 class Redemption:
     app: str
     grant: Grant
-    carrier: Carrier
+    token: str  # the offered token that held the grant
     assertion: str
 
 
@@ -200,9 +208,9 @@ class Gateway:
         scope: str | None,
     ) -> tuple[str, Grant]:  # fmt: skip
         bound = {name: str(getattr(subject, name)) for name in cmd.bind if getattr(subject, name) is not None}
-        random = secrets.token_bytes(33)  # one draw: 192 bits of token, 72 of grant id
+        random = secrets.token_bytes(TOKEN_BYTES + 9)  # one draw: 192 bits of token, 72 of grant id
         grant = Grant(
-            id=base64.urlsafe_b64encode(random[24:]).decode(),
+            id=base64.urlsafe_b64encode(random[TOKEN_BYTES:]).decode(),
             app=app.name,
             dialect=app.dialect,
             subject=subject.id,
@@ -216,7 +224,7 @@ class Gateway:
             scope=scope,
             bound=bound,
         )
-        return base64.urlsafe_b64encode(random[:24]).decode(), grant
+        return base64.urlsafe_b64encode(random[:TOKEN_BYTES]).decode(), grant
 
     async def _authorise(self, app: AppConfig, cmd: ImpersonationCommand) -> tuple[Principal, Subject]:
         if cmd.credential is None:
@@ -310,32 +318,43 @@ class Gateway:
                 log.warning("credential_rate_limited", audit=True, kind=kind, client=cmd.client, app=cmd.app)
 
     # -- redemption ---------------------------------------------------------------------------------
-    async def redeem(self, token: str, offers: Mapping[str, Carrier], client: str) -> Redemption | None:
-        """Consume the grant behind ``token`` for one of the apps in ``offers`` (app name -> the carrier its
-        dialect found) and sign an assertion for it.
+    async def redeem(self, offers: Sequence[Offer], client: str) -> Redemption | None:
+        """Consume every token offered (one atomic script each, sharing a round trip) and sign an assertion for
+        the one grant among them.
 
-        Unknown, expired, reused, mismatched or revoked grants all raise the same GrantRefused (its reason
-        is for logs and metrics); a miss on passive carriers only returns None (not a redemption).
+        Unknown, expired, reused, mismatched or revoked grants all raise the same GrantRefused (its reason is for
+        logs and metrics), and so does a request holding more than one live grant (each is spent). When only
+        passive carriers were offered and none held a grant, this is no redemption: None.
         """
-        consumed = await self.store.consume(credential_hash(token))
-        first = self.config.app(next(iter(offers)))
-        if consumed.grant is None:
-            if all(c.passive for c in offers.values()):
-                return None
-            self._refuse(first, "unknown", client)
-        assert consumed.grant is not None
-        grant = Grant.from_json(consumed.grant)
-        if consumed.state == "reused":
-            self.metrics.reused.labels(grant.app).inc()
-            log.warning("grant_reused", audit=True, grant_id=grant.id, app=grant.app, actor=grant.actor,
-                        subject=grant.subject, dialect=grant.dialect, client=client)  # fmt: skip
-            self._refuse(first, "reused", client, grant)
-        carrier = offers.get(grant.app)
-        app = self.config.app(grant.app) if grant.app in offers else first
-        if carrier is None or app.dialect != grant.dialect:
+        tokens = list(dict.fromkeys(o.token for o in offers))
+        consumed = await asyncio.gather(*(self.store.consume(credential_hash(t)) for t in tokens))
+        first = self.config.app(offers[0].app)
+        grants: list[tuple[str, Grant]] = []
+        for token, found in zip(tokens, consumed, strict=True):
+            if found.grant is None:
+                if not all(o.passive for o in offers if o.token == token):
+                    self._refuse(first, "unknown", client)
+                continue
+            grant = Grant.from_json(found.grant)
+            if found.state == "reused":
+                self.metrics.reused.labels(grant.app).inc()
+                log.warning("grant_reused", audit=True, grant_id=grant.id, app=grant.app, actor=grant.actor,
+                            subject=grant.subject, dialect=grant.dialect, client=client)  # fmt: skip
+                self._refuse(first, "reused", client, grant)
+            grants.append((token, grant))
+        if not grants:
+            return None
+        if len(grants) > 1:
+            for _, grant in grants[1:]:
+                log.info("grant_refused", audit=True, app=grant.app, dialect=grant.dialect, reason="several",
+                         client=client, grant_id=grant.id, actor=grant.actor, subject=grant.subject)  # fmt: skip
+            self._refuse(first, "several", client, grants[0][1])
+        token, grant = grants[0]
+        offer = next((o for o in offers if o.token == token and o.app == grant.app), None)
+        app = self.config.app(grant.app) if offer is not None else first
+        if offer is None or app.dialect != grant.dialect:
             self._refuse(app, "wrong_app", client, grant)
-        assert carrier is not None
-        if dict(carrier.bound) != dict(grant.bound):
+        if dict(offer.bound) != dict(grant.bound):
             self._refuse(app, "mismatch", client, grant)
         now = int(time.time())
         if grant.expires_at < now:
@@ -365,9 +384,19 @@ class Gateway:
         await self.store.append_audit(event)  # fails closed: no audit, no hand-off
         self.metrics.redeemed.labels(app.name, app.dialect).inc()
         log.info(audit=True, **event)
-        return Redemption(app=app.name, grant=grant, carrier=carrier, assertion=assertion)
+        return Redemption(app=app.name, grant=grant, token=token, assertion=assertion)
 
-    def _refuse(self, app: AppConfig, reason: str, client: str, grant: Grant | None = None) -> None:
+    async def live(self, tokens: Iterable[str]) -> set[str]:
+        """The tokens among ``tokens`` that hold a live grant, without consuming any (one round trip)."""
+        tokens = list(dict.fromkeys(tokens))
+        found = await self.store.live([credential_hash(t) for t in tokens])
+        return {t for t, is_live in zip(tokens, found, strict=True) if is_live}
+
+    def refuse(self, app_name: str, reason: str, client: str) -> NoReturn:
+        """Refuse a redemption without consuming anything (a link presented with a method that may not use it)."""
+        self._refuse(self.config.app(app_name), reason, client)
+
+    def _refuse(self, app: AppConfig, reason: str, client: str, grant: Grant | None = None) -> NoReturn:
         self.metrics.refused.labels(app.name, app.dialect, reason).inc()
         details = {} if grant is None else {"grant_id": grant.id, "actor": grant.actor, "subject": grant.subject}
         log.info("grant_refused", audit=True, app=app.name, dialect=app.dialect, reason=reason, client=client,

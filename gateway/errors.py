@@ -8,7 +8,9 @@ Core raises these; each dialect renders every one of them in its vendor's shape:
     ├── Forbidden          403  the actor may not mint this grant
     ├── NotFound           404  the subject (or the reseller in the path) does not exist
     ├── GrantRefused       401  a redemption failed (unknown, expired, used, mismatched: one answer)
+    ├── RequestTimeout     408  the client stopped sending its request body
     ├── PayloadTooLarge    413  the request body is over the configured limit
+    ├── UnsupportedEncoding 415 the body's Content-Encoding is unknown, or its data does not decode
     ├── RateLimited        429  too many failed credentials from this client or for this credential
     └── StoreUnavailable   503  Redis did not answer in time
 
@@ -83,6 +85,26 @@ class PayloadTooLarge(GatewayError):
     def __init__(self, limit: int) -> None:
         super().__init__(limit)
         self.limit = limit
+
+
+class RequestTimeout(GatewayError):
+    """The body did not arrive within ``seconds``."""
+
+    status = 408
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class UnsupportedEncoding(GatewayError):
+    """A mint or carrier body sent with a ``Content-Encoding`` the gateway cannot (or could not) decode."""
+
+    status = 415
+
+    def __init__(self, encoding: str) -> None:
+        super().__init__(encoding)
+        self.encoding = encoding
 
 
 class RateLimited(GatewayError):

@@ -1,4 +1,10 @@
-"""structlog set-up: JSON lines (rendered with orjson) in production, a console renderer in development."""
+"""structlog set-up: JSON lines (rendered with orjson) in production, a console renderer in development.
+
+Libraries log through the standard library (aiohttp's HTTP parser, asyncio); their records become structlog
+events too, carrying the record's message template and the exception's type but never its arguments, its
+exception message or a traceback: for a request the parser refused, those quote the request's bytes, and
+with them any grant or credential it held.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +47,33 @@ def flush_logs() -> None:
         _writer.flush_now()
 
 
+class LibraryRecords(logging.Handler):
+    """Standard-library log records as structlog events, with nothing of the request in them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._log = structlog.get_logger("gateway")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = type(record.exc_info[1]).__name__ if record.exc_info and record.exc_info[1] else None
+        template = str(record.msg)
+        if record.name == "aiohttp.server" and template.startswith("Error handling request"):
+            # The HTTP parser refused a request (its message quotes the offending line: never logged).
+            client = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            self._log.warning("bad_request", client=str(client), error=error)
+            return
+        level = "error" if record.levelno >= logging.ERROR else "warning"
+        getattr(self._log, level)("library_log", logger=record.name, message=template[:200], error=error)
+
+
+def route_library_logs() -> None:
+    """Send every standard-library log record of WARNING and above through :class:`LibraryRecords`."""
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, LibraryRecords)]
+    root.addHandler(LibraryRecords())
+    root.setLevel(min(root.level or logging.WARNING, logging.WARNING))
+
+
 def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
     """Configure structlog once for the process; request ids travel in contextvars."""
     processors: list[structlog.typing.Processor] = [
@@ -65,3 +98,4 @@ def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    route_library_logs()

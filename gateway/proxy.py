@@ -1,97 +1,306 @@
-"""Forwarding to an app's upstream: the request goes out as given, the answer streams back as it comes."""
+"""Forwarding to an app's upstream, the way a careful reverse proxy does.
+
+- The upstream URL is built from the app's own scheme, host, port and base path plus the request's routed
+  path and raw query: nothing a client sends can change where a request goes.
+- Bodies go out byte for byte (the server does not decode them), with their own ``Content-Length``; a body
+  of unknown or large size streams, and a client that pauses longer than ``server.body_timeout_seconds``
+  gets 408.
+- Headers: hop-by-hop ones, ``Host``, ``Expect``, any name with an underscore (CGI-style apps read
+  ``X_Foo`` as ``X-Foo``) and ``X-Impersonation-Assertion`` never pass. Forwarding headers
+  (``X-Forwarded-*``, ``Forwarded``, ``X-Real-IP``, ...) pass only from a trusted proxy, which gets the
+  peer appended to ``X-Forwarded-For``; anyone else's are replaced by the gateway's own.
+- Answers stream back as written (status, headers, body); upstream connections are pooled, bounded per
+  upstream, checked before reuse, and timed out per app.
+- WebSockets are bridged message by message: the app's handshake first, then its subprotocol mirrored,
+  every message type relayed both ways with the close code and reason, without a size cap.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import contextlib
+import select
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import structlog
-from aiohttp import web
-from multidict import CIMultiDict
+from aiohttp import StreamReader, WSMsgType, web
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import Connection
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+from . import body as bodies
+from .config import AppConfig, ServerConfig
+from .routing import is_trusted
 
 log = structlog.get_logger("gateway")
 
 STREAMING = web.RequestKey("streaming", bool)  # the relayed answer's status line is already sent
 BUFFER_LIMIT = 64 * 1024  # upstream answers up to this size (with a Content-Length) are relayed in one piece
+ASSERTION_HEADER = "X-Impersonation-Assertion"
 
 # RFC 9110 §7.6.1: these describe one connection, not the message, and are never forwarded.
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
      "transfer-encoding", "upgrade"}
 )  # fmt: skip
+_NEVER = HOP_BY_HOP | {"host", "expect", ASSERTION_HEADER.lower()}
+# Who the client is and how it reached us: believed only from a trusted proxy (besides any X-Forwarded-*).
+FORWARDING = frozenset(
+    {"forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "x-cluster-client-ip", "cf-connecting-ip",
+     "fastly-client-ip", "x-original-url", "x-original-uri", "x-rewrite-url", "x-original-host"}
+)  # fmt: skip
+_WS_HANDSHAKE = ("sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "sec-websocket-extensions")
+_UNSENDABLE_CLOSE = {0: 1000, 1005: 1000, 1006: 1011, 1015: 1011}  # close codes no close frame may carry
 
 
-def upstream_session() -> aiohttp.ClientSession:
-    """A client that relays answers untouched: no redirects followed, no decompression, no cookie jar."""
-    return aiohttp.ClientSession(
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=60),
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-    )
+@dataclass(frozen=True)
+class Upstream:
+    """An app's upstream, parsed once: where its requests go and how long they may take."""
+
+    scheme: str
+    authority: str
+    base: str  # the upstream URL's path, without a trailing slash
+    connect_timeout: float
+    read_timeout: float | None
+    timeout: aiohttp.ClientTimeout
+
+    @classmethod
+    def of(cls, app: AppConfig) -> Upstream:
+        url = URL(app.upstream)
+        read = app.read_timeout_seconds or None
+        timeout = aiohttp.ClientTimeout(total=None, connect=app.connect_timeout_seconds, sock_read=read)
+        return cls(url.scheme, url.raw_authority, url.raw_path.rstrip("/"), app.connect_timeout_seconds, read, timeout)
+
+    def url(self, raw_path: str, query: str) -> URL:
+        return URL.build(scheme=self.scheme, authority=self.authority, path=self.base + raw_path,
+                         query_string=query, encoded=True)  # fmt: skip
 
 
-def forward_headers(request: web.Request, client: str) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones and Host, plus X-Forwarded-*."""
-    connection_tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in request.headers.items():
+def request_headers(request: web.Request, trusted: tuple[str, ...]) -> CIMultiDict[str]:
+    """The client's headers as the upstream may see them (see the module docstring), plus X-Forwarded-*."""
+    headers = request.headers
+    peer = request.remote or "unknown"
+    from_proxy = is_trusted(peer, trusted)
+    drop = _NEVER
+    if "Connection" in headers:
+        drop = drop | {t.strip().lower() for t in headers.get("Connection", "").split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in connection_tokens or lower == "host":
+        if lower in drop or "_" in lower:
             continue
-        headers.add(name, value)
-    # The client's own wish, or none: the answer is relayed as it comes, never decompressed, so the
-    # upstream must not compress for a client that did not ask (aiohttp would ask for gzip by default).
-    headers.setdefault("Accept-Encoding", "identity")
-    prior = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {client}" if prior else client
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
-    return headers
+        if not from_proxy and (lower in FORWARDING or lower.startswith("x-forwarded-")):
+            continue
+        out.add(name, value)
+    prior = ", ".join(out.popall("X-Forwarded-For", ()))
+    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    if "X-Forwarded-Proto" not in out:
+        out["X-Forwarded-Proto"] = request.scheme
+    if "X-Forwarded-Host" not in out:
+        out["X-Forwarded-Host"] = request.host
+    return out
 
 
-async def forward(
-    session: aiohttp.ClientSession,
-    request: web.Request,
-    upstream: str,
-    *,
-    method: str,
-    path_qs: str,
-    headers: CIMultiDict[str],
-    body: bytes | aiohttp.StreamReader | None,
-    extra_headers: Mapping[str, str] | None = None,
-    expire_cookies: tuple[str, ...] = (),
-) -> web.StreamResponse:
-    """Send the request to ``upstream`` + ``path_qs`` and stream the answer back (502 if it cannot be reached)."""
-    url = URL(upstream.rstrip("/") + path_qs, encoded=True)
-    try:
-        async with session.request(
-            method, url, headers=headers, data=body, allow_redirects=False, compress=None
-        ) as upstream_response:
-            length = upstream_response.content_length
-            small = length is not None and length <= BUFFER_LIMIT and request.method != "HEAD"
-            # A small answer of known length goes back in one write; anything else streams as it comes.
-            response = web.Response(status=upstream_response.status, reason=upstream_response.reason) if small \
-                else web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason)  # fmt: skip
-            for name, value in upstream_response.headers.items():
-                if name.lower() not in HOP_BY_HOP and not (small and name.lower() == "content-length"):
+class _CheckedConnector(aiohttp.TCPConnector):
+    """A pool that looks at an idle connection before reusing it: one the app closed meanwhile (or that holds
+    bytes nobody asked for) is dropped and the request takes another, so nothing of it was sent yet."""
+
+    async def _get(self, key: Any, traces: Any) -> Connection | None:
+        while (connection := await super()._get(key, traces)) is not None:
+            if not _readable(connection.protocol):
+                return connection
+            connection.close()
+        return None
+
+
+def _readable(protocol: ResponseHandler | None) -> bool:
+    """Whether an idle connection's socket can be read: end of file or unsolicited bytes, so it is done with."""
+    transport = protocol.transport if protocol is not None else None
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
+class Proxy:
+    """The upstream clients (one pool for HTTP, bounded per upstream; one for WebSockets) and forwarding."""
+
+    def __init__(self, server: ServerConfig) -> None:
+        self.body_timeout = server.body_timeout_seconds
+        self.trusted = server.trusted_proxies
+        # No redirects followed, no decompression, no cookie jar, no header the client did not send.
+        common: dict[str, Any] = {
+            "auto_decompress": False,
+            "cookie_jar": aiohttp.DummyCookieJar(),
+            "skip_auto_headers": ("Accept", "Accept-Encoding", "User-Agent"),
+            "timeout": aiohttp.ClientTimeout(total=None, connect=5, sock_read=None),
+        }
+        connector = _CheckedConnector(limit=0, limit_per_host=server.upstream_connections, ttl_dns_cache=300)
+        self.http = aiohttp.ClientSession(connector=connector, **common)
+        # A WebSocket holds its connection for as long as it lives: not out of the HTTP pool.
+        self.ws = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), **common)
+
+    async def close(self) -> None:
+        await self.http.close()
+        await self.ws.close()
+
+    def headers(self, request: web.Request) -> CIMultiDict[str]:
+        return request_headers(request, self.trusted)
+
+    async def forward(
+        self,
+        request: web.Request,
+        upstream: Upstream,
+        raw_path: str,
+        query: str,
+        headers: CIMultiDict[str],
+        body: bytes | StreamReader | None,
+        *,
+        method: str | None = None,
+        expire_cookies: Iterable[str] = (),
+    ) -> web.StreamResponse:
+        """Send the request to ``upstream`` and stream its answer back (502 unreachable, 504 too slow)."""
+        stalled = [False]
+        data: Any = bodies.stream(body, self.body_timeout, stalled) if isinstance(body, StreamReader) else body
+        try:
+            async with self.http.request(
+                method or request.method, upstream.url(raw_path, query), headers=headers, data=data,
+                allow_redirects=False, compress=None, timeout=upstream.timeout,
+            ) as answer:  # fmt: skip
+                return await _relay(request, answer, expire_cookies)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if request.get(STREAMING):  # the answer has begun: all that is left is to cut the connection
+                raise
+            if stalled[0]:
+                return _plain(408, "Request Timeout: the request body stopped arriving.\n", close=True)
+            log.warning("upstream_unreachable", upstream=upstream.authority, error=type(exc).__name__)
+            if isinstance(exc, TimeoutError):
+                return _plain(504, "Gateway Timeout: the upstream application did not answer in time.\n")
+            return _plain(502, "Bad Gateway: the upstream application did not answer.\n")
+
+    async def bridge(
+        self, request: web.Request, upstream: Upstream, raw_path: str, query: str, headers: CIMultiDict[str]
+    ) -> web.StreamResponse:
+        """Bridge a WebSocket: the app's handshake first (its refusal is relayed as is), then every message."""
+        protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in v.split(",")]
+        for name in _WS_HANDSHAKE:
+            headers.popall(name, None)
+        limit = upstream.connect_timeout + upstream.read_timeout if upstream.read_timeout else None
+        try:
+            async with asyncio.timeout(limit):
+                app_ws = await self.ws.ws_connect(
+                    upstream.url(raw_path, query), headers=headers, protocols=[p for p in protocols if p],
+                    autoclose=False, autoping=False, max_msg_size=0, compress=0,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+                )  # fmt: skip
+        except aiohttp.WSServerHandshakeError as exc:
+            response = web.Response(status=exc.status if exc.status >= 200 and exc.status != 101 else 502)
+            for name, value in (exc.headers or {}).items():
+                if name.lower() not in HOP_BY_HOP and not name.lower().startswith("sec-websocket-"):
                     response.headers.add(name, value)
-            for name, value in (extra_headers or {}).items():
-                response.headers[name] = value
-            for cookie in expire_cookies:
-                response.del_cookie(cookie, path="/")
-            if isinstance(response, web.Response):
-                response.body = await upstream_response.read()
-                return response
-            await response.prepare(request)
-            request[STREAMING] = True
-            async for chunk in upstream_response.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
             return response
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        log.warning("upstream_unreachable", upstream=upstream, error=type(exc).__name__)
-        if request.get(STREAMING):  # the answer has begun: all that is left is to cut the connection
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("upstream_unreachable", upstream=upstream.authority, error=type(exc).__name__)
+            status = 504 if isinstance(exc, TimeoutError) else 502
+            return _plain(status, "The upstream application did not accept the WebSocket.\n")
+        client_ws = web.WebSocketResponse(
+            protocols=(app_ws.protocol,) if app_ws.protocol else (), autoclose=False, autoping=False,
+            max_msg_size=0, compress=False,
+        )  # fmt: skip
+        answer: CIMultiDictProxy[str] | None = getattr(getattr(app_ws, "_response", None), "headers", None)
+        for value in answer.getall("Set-Cookie", ()) if answer is not None else ():
+            client_ws.headers.add("Set-Cookie", value)
+        try:
+            await client_ws.prepare(request)
+        except BaseException:
+            await app_ws.close(code=1001)
             raise
-        return web.Response(status=502, text="Bad Gateway: the upstream application did not answer.\n")
+        request[STREAMING] = True
+        await _bridge(client_ws, app_ws)
+        return client_ws
+
+
+async def _relay(
+    request: web.Request, answer: aiohttp.ClientResponse, expire_cookies: Iterable[str]
+) -> web.StreamResponse:
+    length = answer.content_length
+    small = length is not None and length <= BUFFER_LIMIT and request.method != "HEAD"
+    # A small answer of known length goes back in one write; anything else streams as it comes.
+    response = web.Response(status=answer.status, reason=answer.reason) if small \
+        else web.StreamResponse(status=answer.status, reason=answer.reason)  # fmt: skip
+    for name, value in answer.headers.items():
+        lower = name.lower()
+        if lower not in HOP_BY_HOP and not (small and lower == "content-length"):
+            response.headers.add(name, value)
+    for cookie in expire_cookies:
+        response.del_cookie(cookie, path="/")
+    if isinstance(response, web.Response):
+        response.body = await answer.read()
+        return response
+    await response.prepare(request)
+    request[STREAMING] = True
+    async for chunk in answer.content.iter_any():
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+def _plain(status: int, text: str, *, close: bool = False) -> web.Response:
+    response = web.Response(status=status, text=text)
+    if close:
+        response.force_close()
+    return response
+
+
+async def _bridge(client: web.WebSocketResponse, app: aiohttp.ClientWebSocketResponse) -> None:
+    """Relay messages both ways until one side closes or goes away; then close the other side the same way."""
+    to_app = asyncio.create_task(_pump(client, app))
+    to_client = asyncio.create_task(_pump(app, client))
+    try:
+        done, _ = await asyncio.wait((to_app, to_client), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (to_app, to_client):
+            task.cancel()
+        for task in (to_app, to_client):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    first = to_app if to_app in done else to_client
+    closed = None if first.cancelled() or first.exception() is not None else first.result()
+    if closed is None:  # a side went away without a close frame
+        code, reason = (1001, "") if first is to_app else (1011, "")
+    else:
+        code, reason = _UNSENDABLE_CLOSE.get(closed[0], closed[0]), closed[1]
+    # Both at once: the side that closed waits for our answer while the other is told.
+    await asyncio.gather(
+        client.close(code=code, message=reason.encode()), app.close(code=code, message=reason.encode()),
+        return_exceptions=True,
+    )  # fmt: skip
+
+
+async def _pump(
+    source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    target: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+) -> tuple[int, str] | None:
+    """Relay ``source``'s messages to ``target`` (each send waits for the target to take it: backpressure); the
+    close code and reason when ``source`` sends a close frame, None when it goes away."""
+    while True:
+        message = await source.receive()
+        kind = message.type
+        if kind is WSMsgType.TEXT:
+            await target.send_str(message.data)
+        elif kind is WSMsgType.BINARY:
+            await target.send_bytes(message.data)
+        elif kind is WSMsgType.PING:
+            await target.ping(message.data)
+        elif kind is WSMsgType.PONG:
+            await target.pong(message.data)
+        elif kind is WSMsgType.CLOSE:
+            return int(message.data or 0), str(message.extra or "")
+        else:  # CLOSING, CLOSED, ERROR
+            return None

@@ -255,6 +255,12 @@ class Store:
                 state, value = await self._pipeline.submit("EVAL", _REDEEM, 2, *keys, TOMBSTONE_MS)
         return Consumed({1: "redeemed", 2: "reused"}.get(int(state), "unknown"), value or None)
 
+    async def live(self, token_hashes: Iterable[str]) -> list[bool]:
+        """Whether each grant is live, consuming nothing (EXISTS each, auto-pipelined: one round trip)."""
+        async with self._call():
+            found = await asyncio.gather(*(self._pipeline.submit("EXISTS", self.grant_key(h)) for h in token_hashes))
+        return [bool(n) for n in found]
+
     async def append_audit(self, event: Mapping[str, str]) -> None:
         async with self._call():
             await self._pipeline.submit(*self._xadd(event))

@@ -1,16 +1,19 @@
 """Dialects: translators between a vendor's API style and the one core command.
 
-A dialect parses an :class:`HttpRequest` into an ``ImpersonationCommand``, finds grant carriers in
-requests, and renders results and every ``GatewayError`` in its vendor's shape. It never talks to Redis.
+A dialect declares its endpoints and grant carriers as data, parses an :class:`HttpRequest` into an
+``ImpersonationCommand``, and renders results and every ``GatewayError`` in its vendor's shape. It never
+talks to Redis.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, ClassVar
 
 import orjson
@@ -18,40 +21,100 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy, MultiMapping
 
 from ..config import DIALECTS, AppConfig
-from ..core import Carrier, ImpersonationCommand, MintResult
+from ..core import ImpersonationCommand, MintResult
 from ..errors import GatewayError, RateLimited
 
 
 @dataclass(frozen=True)
+class Endpoint:
+    """One of a vendor's own endpoints: ``template`` is its path (relative to the app's mount) with ``{name}``
+    parameters of one segment each; a trailing slash is allowed, and ``ignore_case`` matches any case."""
+
+    method: str
+    template: str
+    kind: str = "mint"  # "mint", "info", or "redeem" (a body carrier's endpoint)
+    ignore_case: bool = False
+
+    @functools.cached_property
+    def pattern(self) -> re.Pattern[str]:
+        """The template as a regular expression with a named group per parameter."""
+        return re.compile(template_regex(self.template, named=True), re.IGNORECASE if self.ignore_case else 0)
+
+    def match(self, method: str, path: str) -> dict[str, str] | None:
+        """The parameters of ``path`` when this endpoint serves ``method`` there, else None."""
+        if method != self.method:
+            return None
+        found = self.pattern.fullmatch(path)
+        return None if found is None else found.groupdict()
+
+
+def template_regex(template: str, *, named: bool) -> str:
+    """``/a/{id}/b`` -> ``/a/(?P<id>[^/]+)/b/?`` (plain groups unless ``named``): one syntax for Python and PCRE."""
+    parts = re.split(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", template)
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            out.append(f"(?P<{part}>[^/]+)" if named else "[^/]+")
+        else:
+            out.append(re.escape(part))
+    return "".join(out).rstrip("/") + "/?"
+
+
+class Where(StrEnum):
+    QUERY = "query"  # a link: the browser follows it, and so may a scanner
+    COOKIE = "cookie"
+    HEADER = "header"
+    BODY = "body"  # a JSON (or form) field of the requests to one endpoint
+
+
+@dataclass(frozen=True)
+class Carrier:
+    """Where a dialect's grants come back: the field ``name`` in ``where``.
+
+    ``bound`` pairs a grant field with the field beside ``name`` that must hold the grant's value (the e-mail
+    of an ActivePlatform link). A ``passive`` carrier may hold the app's own credential instead: a value that
+    is no live grant passes through. A body carrier lives on ``endpoint``, where every request is a redemption.
+    """
+
+    where: Where
+    name: str
+    bound: tuple[tuple[str, str], ...] = ()
+    passive: bool = False
+    endpoint: Endpoint | None = None
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Every field name this carrier uses: removed together before a request goes on."""
+        return (self.name, *(name for _, name in self.bound))
+
+
+@dataclass(frozen=True)
 class HttpRequest:
-    """What a dialect may read of a request (``path`` is relative to the app's mount)."""
+    """What a dialect may read of a mint request (``path`` is relative to the app's mount)."""
 
     method: str
     path: str
     query: MultiMapping[str] = field(default_factory=lambda: MultiDictProxy(MultiDict()))
     headers: MultiMapping[str] = field(default_factory=lambda: CIMultiDictProxy(CIMultiDict()))
-    cookies: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
     client: str = "127.0.0.1"
-    params: Mapping[str, str] = field(default_factory=dict)  # named groups of the matched endpoint
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    method: str
-    pattern: re.Pattern[str]
-    kind: str = "mint"  # "mint" or "info"
+    endpoint: Endpoint | None = None  # the endpoint matched
+    params: Mapping[str, str] = field(default_factory=dict)  # its path parameters
 
 
 class Dialect(ABC):
+    """A vendor's API style: its endpoints and carriers (data, read by the runtime, the OpenAPI check and the
+    nginx generator alike), how a mint request becomes a command, and how results and errors look."""
+
     name: ClassVar[str]
     endpoints: ClassVar[tuple[Endpoint, ...]]
+    carriers: ClassVar[tuple[Carrier, ...]]
 
     def match(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]] | None:
         for endpoint in self.endpoints:
-            m = endpoint.pattern.fullmatch(path)
-            if m and method == endpoint.method:
-                return endpoint, {k: v for k, v in m.groupdict().items() if v is not None}
+            params = endpoint.match(method, path)
+            if params is not None:
+                return endpoint, params
         return None
 
     @abstractmethod
@@ -65,14 +128,6 @@ class Dialect(ABC):
     @abstractmethod
     def render_error(self, error: GatewayError) -> web.Response:
         """The vendor's answer for ``error`` (a bare GatewayError is an unexpected failure)."""
-
-    @abstractmethod
-    def carriers(self, req: HttpRequest) -> list[Carrier]:
-        """Grant carriers this request holds (none for an ordinary request)."""
-
-    def reads_body(self, req: HttpRequest) -> bool:
-        """Whether a carrier may sit in this request's body (the body is then read before carriers)."""
-        return False
 
     def info(self, req: HttpRequest, app: AppConfig, public_url: str) -> web.Response:
         raise NotImplementedError

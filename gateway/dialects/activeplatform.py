@@ -11,7 +11,7 @@ import re
 from aiohttp import web
 
 from ..config import AppConfig
-from ..core import Carrier, ImpersonationCommand, MintResult, SubjectRef
+from ..core import ImpersonationCommand, MintResult, SubjectRef
 from ..errors import (
     Forbidden,
     GatewayError,
@@ -20,10 +20,12 @@ from ..errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     StoreUnavailable,
     Unauthenticated,
+    UnsupportedEncoding,
 )
-from . import Dialect, Endpoint, HttpRequest, json_response
+from . import Carrier, Dialect, Endpoint, HttpRequest, Where, json_response
 
 MEDIA_TYPE = "application/vnd.api+json"
 _NUMBER = re.compile(r"[0-9]{1,18}")
@@ -32,13 +34,10 @@ _NUMBER = re.compile(r"[0-9]{1,18}")
 class ActivePlatform(Dialect):
     name = "activeplatform"
     endpoints = (
-        Endpoint(
-            "GET",
-            re.compile(
-                r"/api/v3/resellers/(?P<reseller_id>[^/]+)/user_authentication/token(?:/(?P<account_id>[^/]+))?/?"
-            ),
-        ),
+        Endpoint("GET", "/api/v3/resellers/{reseller_id}/user_authentication/token"),
+        Endpoint("GET", "/api/v3/resellers/{reseller_id}/user_authentication/token/{account_id}"),
     )
+    carriers = (Carrier(Where.QUERY, "user_token", bound=(("email", "user_email"),)),)
 
     def parse(self, req: HttpRequest, app: AppConfig) -> ImpersonationCommand:
         credential = req.headers.get("X-Api-Token", "").strip()
@@ -74,12 +73,6 @@ class ActivePlatform(Dialect):
         body = {"errors": [{"status": str(error.status), "code": code, "title": title, "detail": detail}]}
         return json_response(body, status=error.status, content_type=MEDIA_TYPE, error=error)
 
-    def carriers(self, req: HttpRequest) -> list[Carrier]:
-        token, email = req.query.get("user_token"), req.query.get("user_email")
-        if not token or email is None:
-            return []
-        return [Carrier(token=token, bound={"email": email}, query=("user_email", "user_token"))]
-
 
 def _describe(error: GatewayError) -> tuple[str, str, str]:
     match error:
@@ -107,6 +100,14 @@ def _describe(error: GatewayError) -> tuple[str, str, str]:
             return "unauthorized", "Unauthorized", "The login token is invalid or has expired."
         case PayloadTooLarge(limit=limit):
             return "payload_too_large", "Payload Too Large", f"The request body exceeds {limit} bytes."
+        case UnsupportedEncoding(encoding=encoding):
+            return (
+                "unsupported_media_type",
+                "Unsupported Media Type",
+                f"The request body's Content-Encoding ({encoding}) cannot be decoded.",
+            )
+        case RequestTimeout():
+            return "request_timeout", "Request Timeout", "The request body did not arrive in time."
         case RateLimited(retry_after=seconds):
             return "too_many_requests", "Too Many Requests", f"Too many failed attempts; retry in {seconds} s."
         case StoreUnavailable():

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from ..config import AppConfig
-from ..core import Carrier, ImpersonationCommand, MintResult, SubjectRef
+from ..core import ImpersonationCommand, MintResult, SubjectRef
 from ..errors import (
     Forbidden,
     GatewayError,
@@ -26,13 +26,15 @@ from ..errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     StoreUnavailable,
     Unauthenticated,
+    UnsupportedEncoding,
 )
-from . import Dialect, Endpoint, HttpRequest, bearer, json_response, load_json_object
+from . import Carrier, Dialect, Endpoint, HttpRequest, Where, bearer, json_response
 
 _IDENTIFIER = re.compile(r"[A-Za-z0-9]{36,255}")
-_LOGIN_WITH_TOKEN = re.compile(r"/api/v2/user/login-with-token/?")
+LOGIN_WITH_TOKEN = Endpoint("POST", "/api/v2/user/login-with-token", kind="redeem")
 # The secured pages the seed names (continue KYC, upgrade the account, contact support).
 PRIVATE_PAGES = ("kyc", "upgrade", "support")
 
@@ -44,8 +46,8 @@ class Entry:
     solution: str
 
 
-# Every code this dialect answers with. ER700-ER999 are the seed's texts, word for word; ER920 and ER921
-# are the gateway's own (the seed has no rate-limit or body-size error).
+# Every code this dialect answers with. ER700-ER999 are the seed's texts, word for word; ER920-ER923
+# are the gateway's own (the seed has no rate-limit, body-size, body-encoding or timeout error).
 CATALOGUE: dict[str, Entry] = {
     "ER700": Entry(400, "User authorization token not found.", "Provide a user authorization token."),
     "ER701": Entry(
@@ -91,6 +93,12 @@ CATALOGUE: dict[str, Entry] = {
         429, "Too many requests.", "Wait the number of seconds given in the Retry-After header, then try again."
     ),
     "ER921": Entry(413, "Request body is too large.", "Send a smaller request body."),
+    "ER922": Entry(
+        415,
+        "Request body cannot be decoded.",
+        "Send the body without a Content-Encoding, or with gzip or deflate.",
+    ),
+    "ER923": Entry(408, "Request body not received in time.", "Send the whole request body without pausing."),
     "ER999": Entry(500, "A general error has occurred. Please contact our support team.", "Contact our support team."),
 }
 
@@ -98,8 +106,13 @@ CATALOGUE: dict[str, Entry] = {
 class BtcDirect(Dialect):
     name = "btcdirect"
     endpoints = (
-        Endpoint("GET", re.compile(r"/api/v1/user/login-token/?")),
-        Endpoint("GET", re.compile(r"/api/v1/system/info/?"), kind="info"),
+        Endpoint("GET", "/api/v1/user/login-token"),
+        Endpoint("GET", "/api/v1/system/info", kind="info"),
+    )
+    # Every POST to login-with-token is a redemption: a body without a usable token is refused like an unknown one.
+    carriers = (
+        Carrier(Where.QUERY, "token", bound=(("uuid", "uuid"),)),
+        Carrier(Where.BODY, "token", bound=(("uuid", "uuid"),), endpoint=LOGIN_WITH_TOKEN),
     )
 
     def parse(self, req: HttpRequest, app: AppConfig) -> ImpersonationCommand:
@@ -133,27 +146,6 @@ class BtcDirect(Dialect):
 
     def info(self, req: HttpRequest, app: AppConfig, public_url: str) -> web.Response:
         return json_response({"privateUrls": {page: f"{public_url}/{page}" for page in PRIVATE_PAGES}})
-
-    def reads_body(self, req: HttpRequest) -> bool:
-        return req.method == "POST" and _LOGIN_WITH_TOKEN.fullmatch(req.path) is not None
-
-    def carriers(self, req: HttpRequest) -> list[Carrier]:
-        token, uuid = req.query.get("token"), req.query.get("uuid")
-        if token and uuid is not None:
-            return [Carrier(token=token, bound={"uuid": uuid}, query=("token", "uuid"))]
-        if not self.reads_body(req):
-            return []
-        # Every POST here is a redemption: a body without a usable token is refused like an unknown one.
-        data = load_json_object(req.body) or {}
-        token, uuid = data.get("token"), data.get("uuid")
-        return [
-            Carrier(
-                token=token if isinstance(token, str) else "",
-                bound={"uuid": uuid if isinstance(uuid, str) else ""},
-                body_fields=("uuid", "token"),
-                browser=False,
-            )
-        ]
 
 
 def _partner_credential(req: HttpRequest) -> tuple[str | None, str]:
@@ -224,6 +216,10 @@ def _code(error: GatewayError) -> str:
             return "ER702"
         case PayloadTooLarge():
             return "ER921"
+        case UnsupportedEncoding():
+            return "ER922"
+        case RequestTimeout():
+            return "ER923"
         case RateLimited():
             return "ER920"
     return "ER999"  # StoreUnavailable (503) and anything unexpected (500)

@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from ..config import AppConfig
-from ..core import Carrier, ImpersonationCommand, MintResult, SubjectRef
+from ..core import ImpersonationCommand, MintResult, SubjectRef
 from ..directory import Subject
 from ..errors import (
     Forbidden,
@@ -31,10 +31,12 @@ from ..errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     StoreUnavailable,
     Unauthenticated,
+    UnsupportedEncoding,
 )
-from . import Dialect, Endpoint, HttpRequest, json_response
+from . import Carrier, Dialect, Endpoint, HttpRequest, Where, json_response
 
 HEADER = "X-Auth-Token"
 CDR_SCOPE = "cdr_api"
@@ -54,7 +56,9 @@ _MESSAGES = {
 
 class Denovolab(Dialect):
     name = "denovolab"
-    endpoints = (Endpoint("POST", re.compile(r"/v1/auth/as_client/?")),)
+    endpoints = (Endpoint("POST", "/v1/auth/as_client"),)
+    # The header usually holds an admin's own API token: only a live grant there makes a redemption.
+    carriers = (Carrier(Where.QUERY, "token"), Carrier(Where.HEADER, HEADER, passive=True))
 
     def parse(self, req: HttpRequest, app: AppConfig) -> ImpersonationCommand:
         credential = req.headers.get(HEADER, "").strip()
@@ -99,19 +103,6 @@ class Denovolab(Dialect):
                     "error": {"message": message, "code": code, "reason": reason},
                 }
         return json_response(body, status=error.status, error=error)
-
-    def carriers(self, req: HttpRequest) -> list[Carrier]:
-        in_query = req.query.get("token", "").strip()
-        in_header = req.headers.get(HEADER, "").strip()
-        if in_query and in_query == in_header:
-            return [Carrier(token=in_query, query=("token",), headers=(HEADER,))]
-        found = []
-        if in_query:
-            found.append(Carrier(token=in_query, query=("token",)))
-        if in_header:
-            # The header usually holds an admin's own API token: only a grant makes this a redemption.
-            found.append(Carrier(token=in_header, headers=(HEADER,), browser=False, passive=True))
-        return found
 
 
 def _client_id(body: bytes) -> str:
@@ -169,6 +160,15 @@ def _describe(error: GatewayError) -> tuple[str, str, int, str]:
             return "forbidden_error", "You are not allowed to log in as this client", 120, "permission_denied"
         case PayloadTooLarge(limit=limit):
             return "payload_too_large_error", f"Request body exceeds {limit} bytes", 130, "payload_too_large"
+        case UnsupportedEncoding(encoding=encoding):
+            return (
+                "unsupported_media_type_error",
+                f"Cannot decode a request body with Content-Encoding {encoding}",
+                131,
+                "unsupported_content_encoding",
+            )
+        case RequestTimeout():
+            return "request_timeout_error", "Request body not received in time", 132, "request_timeout"
         case RateLimited(retry_after=seconds):
             return "rate_limit_error", f"Too many failed attempts; retry in {seconds} s", 140, "too_many_requests"
         case StoreUnavailable():

@@ -12,13 +12,12 @@ takes the same fields wrapped in ``{"data": {...}}``. Errors are short ``text/pl
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from aiohttp import web
 
 from ..config import AppConfig
-from ..core import Carrier, ImpersonationCommand, MintResult, SubjectRef
+from ..core import ImpersonationCommand, MintResult, SubjectRef
 from ..errors import (
     Forbidden,
     GatewayError,
@@ -27,25 +26,29 @@ from ..errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    RequestTimeout,
     StoreUnavailable,
     Unauthenticated,
+    UnsupportedEncoding,
 )
-from . import Dialect, Endpoint, HttpRequest, load_json_object, text_response
+from . import Carrier, Dialect, Endpoint, HttpRequest, Where, load_json_object, text_response
 
-COOKIES = ("PyramidAuth", "PyramidEmbeddedAuth")
 IDENTITY_LIMIT = 512  # characters: longer than any user name, UPN or DOMAIN\user
 DOMAIN_LIMIT = 255
 # customData travels in the assertion header: keep it well below common 8 KiB header limits.
 CUSTOM_DATA_LIMIT = 2048  # bytes, as JSON-encoded in the assertion
-# A grant is base64(url); anything else in a Pyramid cookie is the app's own and costs no Redis call.
-_GRANT_SHAPE = re.compile(r"[A-Za-z0-9_\-+/]{22,256}={0,2}")
+API3 = Endpoint("POST", "/API3/authentication/authenticateUserByToken", ignore_case=True)
+API2 = Endpoint("POST", "/API2/auth/authenticateUserByToken", ignore_case=True)  # fields wrapped in {"data": ...}
 
 
 class Pyramid(Dialect):
     name = "pyramid"
-    endpoints = (
-        Endpoint("POST", re.compile(r"/(?P<version>API3)/authentication/authenticateUserByToken/?", re.IGNORECASE)),
-        Endpoint("POST", re.compile(r"/(?P<version>API2)/auth/authenticateUserByToken/?", re.IGNORECASE)),
+    endpoints = (API3, API2)
+    # The app sets these cookies itself once signed in: a value that is no live grant is its own.
+    carriers = (
+        Carrier(Where.QUERY, "token"),
+        Carrier(Where.COOKIE, "PyramidAuth", passive=True),
+        Carrier(Where.COOKIE, "PyramidEmbeddedAuth", passive=True),
     )
 
     def parse(self, req: HttpRequest, app: AppConfig) -> ImpersonationCommand:
@@ -54,7 +57,7 @@ class Pyramid(Dialect):
         body = load_json_object(req.body)
         if body is None:
             raise Invalid("body", "value")
-        if req.params["version"].upper() == "API2":
+        if req.endpoint == API2:
             if body.get("data") is None:
                 raise Invalid("data", "missing")
             if not isinstance(body["data"], dict):
@@ -91,18 +94,6 @@ class Pyramid(Dialect):
     def render_error(self, error: GatewayError) -> web.Response:
         status, reason = _describe(error)
         return text_response(reason, status=status, error=error)
-
-    def carriers(self, req: HttpRequest) -> list[Carrier]:
-        found = []
-        token = req.query.get("token", "").strip()
-        if token:
-            found.append(Carrier(token=token, query=("token",)))
-        for name in COOKIES:
-            value = req.cookies.get(name, "").strip()
-            # The app sets these cookies itself once signed in: a value that is no grant is its own.
-            if _GRANT_SHAPE.fullmatch(value):
-                found.append(Carrier(token=value, cookies=(name,), passive=True))
-        return found
 
 
 def _optional_string(body: dict[str, Any], field: str) -> str | None:
@@ -165,6 +156,10 @@ def _describe(error: GatewayError) -> tuple[int, str]:
             return 401, "Invalid or expired token"
         case PayloadTooLarge(limit=limit):
             return 413, f"Request body is larger than {limit} bytes"
+        case UnsupportedEncoding(encoding=encoding):
+            return 415, f"Cannot decode a request body with Content-Encoding {encoding}"
+        case RequestTimeout():
+            return 408, "Request body not received in time"
         case RateLimited(retry_after=seconds):
             return 429, f"Too many failed attempts; retry in {seconds} s"
         case StoreUnavailable():

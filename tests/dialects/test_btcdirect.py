@@ -136,7 +136,7 @@ def test_catalogue_holds_every_seed_code_verbatim() -> None:
         entry = CATALOGUE[code]
         assert (entry.message, entry.solution) == (message, solution)
         assert entry.status == (500 if code == "ER999" else 400)
-    assert set(CATALOGUE) - set(SEED) == {"ER920", "ER921"}
+    assert set(CATALOGUE) - set(SEED) == {"ER920", "ER921", "ER922", "ER923"}
     assert (CATALOGUE["ER920"].status, CATALOGUE["ER921"].status) == (429, 413)
 
 
@@ -252,7 +252,7 @@ async def test_store_unavailable_is_503(aiohttp_client: Any, upstream: Upstream,
         await assert_error(
             await mint(client, ("Authorization", f"Bearer {PARTNER}"), ("User-Identifier", ID_1)), "ER999", 503
         )
-        await assert_error(await client.get(f"/kyc?token=abc&uuid={UUID_1}"), "ER999", 503)
+        await assert_error(await client.get(f"/kyc?token={'A' * 32}&uuid={UUID_1}"), "ER999", 503)
     finally:
         server.connected = True
         await redis.aclose()
@@ -482,7 +482,7 @@ async def test_login_with_token_wrong_uuid_burns_the_grant(
 
 async def test_requests_without_a_carrier_pass_through(gateway: GatewayFactory, upstream: Upstream) -> None:
     client = await gateway(apps=REDEEM_ON_GET, directory=DIRECTORY)
-    assert (await client.get("/kyc?token=abc")).status == 200  # a token without a uuid is no carrier
+    assert (await client.get("/kyc?token=abc")).status == 200  # not a grant's shape: the app's own parameter
     assert (await client.get(f"/kyc?uuid={UUID_1}")).status == 200
     assert (await client.get(LOGIN_WITH_TOKEN)).status == 200  # only a POST there is a redemption
     assert [(r.method, r.path, r.query) for r in upstream.requests] == [
@@ -490,3 +490,11 @@ async def test_requests_without_a_carrier_pass_through(gateway: GatewayFactory, 
         ("GET", "/kyc", {"uuid": UUID_1}),
         ("GET", LOGIN_WITH_TOKEN, {}),
     ]
+
+
+async def test_a_grant_without_its_uuid_is_refused_and_spent(gateway: GatewayFactory, upstream: Upstream) -> None:
+    client = await gateway(apps=REDEEM_ON_GET, directory=DIRECTORY)
+    body = await minted(client, ("User-Identifier", ID_1))
+    await assert_error(await client.get(f"/kyc?token={body['token']}"), "ER702", 401)  # never to the app
+    await assert_error(await client.get(f"/kyc?token={body['token']}&uuid={UUID_1}"), "ER702", 401)
+    assert upstream.requests == []

@@ -1,0 +1,224 @@
+"""Requests to an app's paths: redeemed, refused, confirmed first, or passed to the app as they came.
+
+A request holding grant-shaped values in its route's carriers (:mod:`gateway.carriers`) offers them for
+redemption; any other request is the app's business and goes to the first app of its route untouched.
+
+Which methods may use which carrier:
+
+- a link (query carrier) is redeemed by a GET when the app has ``redeem_on_get``, else by the POST of the
+  confirmation page a GET answers (link scanners only GET); HEAD gets that page too; any other method with a
+  link is refused without consuming it;
+- a cookie or header carrier is redeemed by any method but HEAD and OPTIONS, which consume nothing and reach
+  the app without any live grant they carry;
+- a body carrier's endpoint redeems whatever its body holds;
+- a WebSocket handshake redeems directly (no confirmation page).
+
+A redeemed request reaches the app with its carriers removed and the signed assertion added. No grant ever
+reaches an app: a live one is removed wherever it sits, a spent or unknown one is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Collection, Sequence
+
+import structlog
+from aiohttp import StreamReader, web
+from multidict import CIMultiDict
+
+from . import body as bodies
+from .carriers import Carriers, Found, query_pairs, strip_body, strip_cookies, strip_headers, strip_query
+from .config import AppConfig, Config
+from .core import Gateway
+from .dialects import Dialect, Where
+from .errors import GatewayError, RequestTimeout
+from .proxy import ASSERTION_HEADER, Proxy, Upstream
+from .routing import Route, Target
+
+log = structlog.get_logger("gateway")
+
+KIND = web.RequestKey("kind", str)  # mint, info, redeem, pass or ops: the latency histogram's label
+CONFIRM_FIELD = "impersonation_confirm"
+_CONFIRM_SCRIPT = "document.forms[0].submit();"
+_CONFIRM_SCRIPT_HASH = base64.b64encode(hashlib.sha256(_CONFIRM_SCRIPT.encode()).digest()).decode()
+_CONFIRM_CSP = (
+    f"default-src 'none'; form-action 'self'; script-src 'sha256-{_CONFIRM_SCRIPT_HASH}'; frame-ancestors 'none'"
+)
+# No action: the form posts back to the very URL the browser shows, whatever the request target looked like.
+_CONFIRM_PAGE = (
+    '<!doctype html><html><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">'
+    "<title>Continue sign-in</title></head><body>"
+    f'<form method="post"><input type="hidden" name="{CONFIRM_FIELD}" value="1">'
+    '<p>Press continue to sign in.</p><button type="submit">Continue</button></form>'
+    f"<script>{_CONFIRM_SCRIPT}</script></body></html>"
+)
+_SAFE = ("HEAD", "OPTIONS")  # never consume a grant
+
+
+class Redeemer:
+    """Handles every request to an app path that is not a mint or info endpoint."""
+
+    def __init__(self, config: Config, gateway: Gateway, proxy: Proxy, dialects: dict[str, Dialect]) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.proxy = proxy
+        self.dialects = dialects
+        self.upstreams = {app.name: Upstream.of(app) for app in config.apps}
+        self._carriers: dict[tuple[str, ...], Carriers] = {}
+
+    def carriers(self, apps: Sequence[AppConfig]) -> Carriers:
+        key = tuple(a.name for a in apps)
+        found = self._carriers.get(key)
+        if found is None:
+            found = self._carriers[key] = Carriers((a.name, self.dialects[a.dialect].carriers) for a in apps)
+        return found
+
+    async def handle(self, request: web.Request, target: Target, route: Route, client: str) -> web.StreamResponse:
+        carriers = self.carriers(route.apps)
+        method, path = request.method, route.path(target)
+        server = self.config.server
+        raw_body: bytes | None = None
+        decoded: bytes | None = None
+        body_app = carriers.body_app(method, path)
+        if body_app is not None:  # a carrier's endpoint: its body is read whole, and decoded
+            try:
+                raw_body, decoded = await bodies.read(request, server.body_limit_bytes, server.body_timeout_seconds)
+            except GatewayError as exc:
+                return self.dialects[self.config.app(body_app).dialect].render_error(exc)
+        found = carriers.find(target.query, request.headers, method, path, decoded)
+        if not found:
+            request[KIND] = "pass"
+            return await self._forward(request, target, route, route.apps[0], raw_body, self.proxy.headers(request))
+        request[KIND] = "redeem"
+        first = self.config.app(found[0].offer.app)
+        dialect = self.dialects[first.dialect]
+        links = [f for f in found if f.carrier.where is Where.QUERY]
+        scanner_safe = any(not self.config.app(f.offer.app).redeem_on_get for f in links)
+        if links and method in ("GET", "HEAD") and (method == "HEAD" or scanner_safe) and not _is_websocket(request):
+            return confirmation_page()
+        if method in _SAFE or (links and method not in ("GET", "POST")):
+            if links:  # a link is for following and confirming, nothing else
+                try:
+                    self.gateway.refuse(first.name, "method", client)
+                except GatewayError as exc:
+                    return dialect.render_error(exc)
+            try:
+                live = await self.gateway.live(f.offer.token for f in found)
+            except Exception as exc:
+                return _refusal(dialect, exc, first)
+            headers = self.proxy.headers(request)
+            query = _strip(headers, target.query, found, live)
+            return await self._forward(request, target, route, route.apps[0], raw_body, headers, query=query)
+        confirm = False
+        if links and method == "POST" and raw_body is None and request.content_type == _FORM:
+            try:  # perhaps the POST of a confirmation page
+                raw_body, decoded = await bodies.read(request, server.body_limit_bytes, server.body_timeout_seconds)
+            except GatewayError as exc:
+                return dialect.render_error(exc)
+            confirm = any(name == CONFIRM_FIELD for name, _ in query_pairs(decoded.decode("latin-1")))
+        try:
+            redemption = await self.gateway.redeem([f.offer for f in found], client)
+        except Exception as exc:
+            response = _refusal(dialect, exc, first)
+            for name in {f.carrier.name for f in found if f.carrier.where is Where.COOKIE}:
+                response.del_cookie(name, path="/")
+            return response
+        if redemption is None:  # passive carriers holding no grant: the app's own credentials
+            request[KIND] = "pass"
+            return await self._forward(request, target, route, route.apps[0], raw_body, self.proxy.headers(request))
+        tokens = {redemption.token}
+        headers = self.proxy.headers(request)
+        query = _strip(headers, target.query, found, tokens)
+        headers[ASSERTION_HEADER] = redemption.assertion
+        app = self.config.app(redemption.app)
+        body_fields = {n for f in found if f.carrier.where is Where.BODY for n in f.carrier.fields}
+        if confirm:  # the original GET of the link, not the confirming POST
+            for name in ("Content-Type", "Content-Length", "Content-Encoding"):
+                headers.popall(name, None)
+            return await self._forward(request, target, route, app, None, headers, query=query, method="GET")
+        if body_fields and decoded is not None:  # the body loses its carrier (and is sent decoded)
+            raw_body = strip_body(decoded, body_fields)
+            for name in ("Content-Length", "Content-Encoding"):
+                headers.popall(name, None)
+        cookies = {f.carrier.name for f in found if f.carrier.where is Where.COOKIE and f.offer.token in tokens}
+        return await self._forward(request, target, route, app, raw_body, headers, query=query, expire=cookies)
+
+    async def _forward(
+        self,
+        request: web.Request,
+        target: Target,
+        route: Route,
+        app: AppConfig,
+        raw_body: bytes | None,
+        headers: CIMultiDict[str],
+        *,
+        query: str | None = None,
+        method: str | None = None,
+        expire: Collection[str] = (),
+    ) -> web.StreamResponse:
+        upstream = self.upstreams[app.name]
+        raw_path, query = route.raw_path(target), target.query if query is None else query
+        if _is_websocket(request):
+            return await self.proxy.bridge(request, upstream, raw_path, query, headers)
+        body: bytes | StreamReader | None = raw_body
+        if body is None and method is None and request.body_exists:
+            length = request.content_length
+            if length is not None and length <= self.config.server.body_limit_bytes:
+                # Small bodies are read before an upstream connection is taken: a slow client holds none.
+                try:
+                    body = await bodies.read_raw(request, length, self.config.server.body_timeout_seconds)
+                except RequestTimeout:
+                    response = web.Response(status=408, text="Request Timeout: the request body did not arrive.\n")
+                    response.force_close()
+                    return response
+            else:
+                body = request.content
+        return await self.proxy.forward(
+            request, upstream, raw_path, query, headers, body, method=method, expire_cookies=expire
+        )
+
+
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _refusal(dialect: Dialect, exc: Exception, app: AppConfig) -> web.Response:
+    """The dialect's answer for ``exc``; anything but a GatewayError is logged and answered as the dialect's 500."""
+    if not isinstance(exc, GatewayError):
+        log.exception("unhandled_error", app=app.name, dialect=app.dialect)
+        exc = GatewayError()
+    return dialect.render_error(exc)
+
+
+def _is_websocket(request: web.Request) -> bool:
+    return request.method == "GET" and "websocket" in request.headers.get("Upgrade", "").lower()
+
+
+def _strip(headers: CIMultiDict[str], query: str, found: Sequence[Found], tokens: Collection[str]) -> str:
+    """Remove the carriers ``found`` from what goes on: every link carrier's fields, and the cookies and headers
+    that hold one of ``tokens``; return the query left."""
+    query_names = {n.lower() for f in found if f.carrier.where is Where.QUERY for n in f.carrier.fields}
+    if query_names:
+        query = strip_query(query, query_names)
+    cookies = {f.carrier.name.lower() for f in found if f.carrier.where is Where.COOKIE and f.offer.token in tokens}
+    if cookies:
+        strip_cookies(headers, cookies, tokens)
+    named = {f.carrier.name for f in found if f.carrier.where is Where.HEADER and f.offer.token in tokens}
+    if named:
+        strip_headers(headers, named, tokens)
+    return query
+
+
+def confirmation_page() -> web.Response:
+    """A page that POSTs the carrier back to the same URL: link scanners GET it without burning the grant."""
+    return web.Response(
+        text=_CONFIRM_PAGE,
+        content_type="text/html",
+        charset="utf-8",
+        headers={
+            "Cache-Control": "no-store",
+            "Referrer-Policy": "no-referrer",
+            "Content-Security-Policy": _CONFIRM_CSP,
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
