@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CODE := gateway tests demo bench
 
-.PHONY: install run test lint format redis-server bench clean
+.PHONY: install run test lint format parts bench clean
 
 install: $(STAMP)
 
@@ -31,28 +31,21 @@ $(STAMP): pyproject.toml
 run: install
 	VENV=$(VENV) CONFIG=$(CONFIG) scripts/run-demo.sh
 
-# Integration tests start real redis-server / redis-sentinel processes.
-redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server redis-tools redis-sentinel; \
-		else \
-			echo "redis-server not found: install redis-server, redis-tools and redis-sentinel" >&2; \
-			exit 1; \
-		fi; \
-	}
+# Integration tests start real redis-server, redis-sentinel and nginx processes: each is installed when missing.
+parts:
+	scripts/install-parts.sh
 
 lint: install
 	$(BIN)/ruff check $(CODE)
 	$(BIN)/ruff format --check $(CODE)
 	$(BIN)/mypy --strict gateway
 
-test: install redis-server lint
+test: install parts lint
 	$(BIN)/pytest
 
 # Load tests on 127.0.0.1: the gateway against bare aiohttp floors, under wrk; writes bench-results.json.
 # BENCH_DURATION (default 10) and BENCH_WARMUP (default 2) are the seconds of each case's runs.
-bench: install redis-server
+bench: install parts
 	@command -v wrk >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; \

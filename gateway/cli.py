@@ -1,4 +1,5 @@
-"""``impersonation-gateway``: serve, load the directory, generate a signing key, read the audit stream."""
+"""``impersonation-gateway``: serve, load the directory, generate a signing key, read the audit stream, and
+print an nginx configuration for edge mode."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -68,6 +70,23 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("-n", type=int, default=20, help="how many past events (default 20)")
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     tail.set_defaults(func=_audit_tail)
+
+    proxy_config = sub.add_parser("proxy-config", help="print a configuration for a proxy in front of the gateway")
+    psub = proxy_config.add_subparsers(dest="proxy", required=True, metavar="PROXY")
+    nginx = psub.add_parser(
+        "nginx",
+        help="nginx (1.22+) routes only the gateway's own traffic to it and everything else straight to the apps",
+        description="Prints, for nginx's http {} context, upstream blocks, maps and server blocks listening on "
+        "--listen: the apps' mint endpoints, the JWKS, the OpenAPI document and requests holding a grant go to "
+        "the gateway (server.host:server.port), everything else to the apps.",
+    )
+    _config_arg(nginx)
+    nginx.add_argument("--listen", metavar="HOST:PORT", help="where nginx listens (default: server.public_url's)")
+    nginx.add_argument(
+        "--access-log", metavar="PATH", default="/var/log/nginx/access.log",
+        help="nginx's access log, written without query strings (default: %(default)s; 'off' for none)",
+    )  # fmt: skip
+    nginx.set_defaults(func=_proxy_config_nginx)
     return parser
 
 
@@ -216,6 +235,31 @@ def _audit_tail(args: argparse.Namespace) -> int:
         return 0
     except Exception as exc:
         raise CliError(f"cannot read the audit stream at {config.store.url}: {type(exc).__name__}") from None
+    return 0
+
+
+def _proxy_config_nginx(args: argparse.Namespace) -> int:
+    from .dialects import all_dialects
+    from .nginx import render
+
+    config = load_config(args.config)
+    public = urlsplit(config.server.public_url)
+    listen = args.listen or f"{public.hostname}:{public.port or (443 if public.scheme == 'https' else 80)}"
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in " ;{}'\""):
+        raise CliError(f"--listen: expected HOST:PORT, got {listen!r}")
+    gateway_host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(config.server.host, config.server.host)
+    gateway = f"{gateway_host}:{config.server.port}"
+    if gateway == listen or (config.server.port == int(port) and config.server.host in ("0.0.0.0", "::", "")):
+        raise CliError(
+            f"nginx would listen where the gateway does ({gateway}): move the gateway (server.port, or "
+            "GATEWAY_PORT) to an internal port, or give nginx another --listen"
+        )
+    if any(c in args.access_log for c in " ;{}'\""):
+        raise CliError(f"--access-log: not a plain path: {args.access_log!r}")
+    source = str(args.config or "config.yaml")
+    sys.stdout.write(render(config, all_dialects(), listen=listen, gateway=gateway, access_log=args.access_log,
+                            source=source))  # fmt: skip
     return 0
 
 

@@ -48,11 +48,12 @@ HOP_BY_HOP = frozenset(
      "transfer-encoding", "upgrade"}
 )  # fmt: skip
 _NEVER = HOP_BY_HOP | {"host", "expect", ASSERTION_HEADER.lower()}
-# Who the client is and how it reached us: believed only from a trusted proxy (besides any X-Forwarded-*).
-FORWARDING = frozenset(
-    {"forwarded", "x-real-ip", "true-client-ip", "x-client-ip", "x-cluster-client-ip", "cf-connecting-ip",
-     "fastly-client-ip", "x-original-url", "x-original-uri", "x-rewrite-url", "x-original-host"}
+# Who the client is and how it reached us: believed only from a trusted proxy (as is any X-Forwarded-*).
+FORWARDING = (
+    "Forwarded", "X-Real-IP", "True-Client-IP", "X-Client-IP", "X-Cluster-Client-IP", "CF-Connecting-IP",
+    "Fastly-Client-IP", "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Original-Host",
 )  # fmt: skip
+_FORWARDING = frozenset(name.lower() for name in FORWARDING)
 _WS_HANDSHAKE = ("sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "sec-websocket-extensions")
 _UNSENDABLE_CLOSE = {0: 1000, 1005: 1000, 1006: 1011, 1015: 1011}  # close codes no close frame may carry
 
@@ -93,7 +94,7 @@ def request_headers(request: web.Request, trusted: tuple[str, ...]) -> CIMultiDi
         lower = name.lower()
         if lower in drop or "_" in lower:
             continue
-        if not from_proxy and (lower in FORWARDING or lower.startswith("x-forwarded-")):
+        if not from_proxy and (lower in _FORWARDING or lower.startswith("x-forwarded-")):
             continue
         out.add(name, value)
     prior = ", ".join(out.popall("X-Forwarded-For", ()))

@@ -1,0 +1,486 @@
+"""Edge mode: the generated nginx configuration, its routing rule against the gateway's own, and a real nginx.
+
+- A golden file pins what ``proxy-config nginx`` prints for a config with hosts, mounts, base paths, https
+  and timeouts, and a real ``nginx -t`` accepts it.
+- The maps nginx routes on are checked against :class:`gateway.carriers.Carriers`: whatever the gateway would
+  take for a grant, nginx sends to the gateway (hypothesis, plus a table of spellings).
+- A real nginx (Debian's) in front of a real gateway process and an app: every dialect mints and redeems
+  through nginx; ordinary requests, uploads and WebSockets reach the app without touching the gateway; a
+  forged assertion reaches the app on neither path; the access log holds no grant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import jwt
+import pytest
+import yaml
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+
+from gateway.carriers import Carriers
+from gateway.cli import main as cli
+from gateway.config import config_from_dict
+from gateway.dialects import Where, all_dialects
+from gateway.nginx import carrier_map, render
+from tests import processes
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).parent / "golden" / "nginx.conf"
+DIALECTS = all_dialects()
+GRANT = "AbCdEfGhIjKlMnOpQrStUvWxYz012-_9"  # a grant's shape (32 characters of base64url)
+
+GOLDEN_CONFIG: dict[str, Any] = {
+    "server": {"port": 8081, "public_url": "https://portal.example.com", "body_timeout_seconds": 20},
+    "apps": {
+        "control-panel": {"dialect": "activeplatform", "upstream": "http://127.0.0.1:9001"},
+        "analytics": {"dialect": "pyramid", "upstream": "http://127.0.0.1:9002/base/", "mount": "/bi"},
+        "switch": {"dialect": "denovolab", "upstream": "https://localhost", "hosts": ["switch.example.com"],
+                   "read_timeout_seconds": 0, "connect_timeout_seconds": 2.5},
+        "exchange": {"dialect": "btcdirect", "upstream": "http://[::1]:9004", "hosts": ["switch.example.com:443"],
+                     "mount": "/x"},
+    },
+}  # fmt: skip
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if found is None:
+        pytest.fail("nginx is not installed (apt-get install nginx-light): the edge-mode tests need it")
+    return found
+
+
+def main_conf(tmp: Path, include: Path) -> Path:
+    """A whole nginx.conf of the test's own, in ``tmp``, that includes the generated file."""
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / sub).mkdir(exist_ok=True)
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        f"daemon off;\nworker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log info;\n"
+        "events { worker_connections 512; }\n"
+        f"http {{\n  client_body_temp_path {tmp}/body;\n  proxy_temp_path {tmp}/proxy;\n"
+        f"  fastcgi_temp_path {tmp}/fastcgi;\n  uwsgi_temp_path {tmp}/uwsgi;\n  scgi_temp_path {tmp}/scgi;\n"
+        f"  include {include};\n}}\n"
+    )
+    return conf
+
+
+# -- the configuration --------------------------------------------------------------------------------------
+def golden_text() -> str:
+    config = config_from_dict(GOLDEN_CONFIG)
+    return render(config, DIALECTS, listen="0.0.0.0:8080", gateway="127.0.0.1:8081", source="config.yaml")
+
+
+def test_generated_configuration_is_the_golden_file() -> None:
+    """Regenerate with ``python -c 'from tests.test_nginx import write_golden; write_golden()'`` after a change."""
+    assert golden_text() == GOLDEN.read_text(), "the nginx configuration changed: review it and regenerate"
+
+
+def write_golden() -> None:
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(golden_text())
+
+
+def test_real_nginx_accepts_the_golden_file(tmp_path: Path) -> None:
+    include = tmp_path / "gateway.conf"
+    include.write_text(golden_text().replace("/var/log/nginx/access.log", str(tmp_path / "access.log")))
+    done = subprocess.run([nginx_binary(), "-t", "-p", str(tmp_path), "-c", str(main_conf(tmp_path, include))],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_cli_prints_it_and_refuses_to_share_the_gateways_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(GOLDEN_CONFIG, sort_keys=False))
+    assert cli(["proxy-config", "nginx", "--config", str(path), "--listen", "0.0.0.0:8080"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == golden_text().replace("from config.yaml", f"from {path}")
+    same = {**GOLDEN_CONFIG, "server": {**GOLDEN_CONFIG["server"], "port": 8080}}
+    path.write_text(yaml.safe_dump(same, sort_keys=False))
+    assert cli(["proxy-config", "nginx", "--config", str(path), "--listen", "127.0.0.1:8080"]) == 2
+    assert "nginx would listen where the gateway does" in capsys.readouterr().err
+    assert cli(["proxy-config", "nginx", "--config", str(path), "--listen", "nowhere"]) == 2
+    assert "--listen: expected HOST:PORT" in capsys.readouterr().err
+
+
+# -- nginx's routing rule against the gateway's ----------------------------------------------------------------
+@dataclass
+class Maps:
+    """The generated maps, evaluated as nginx would (``~*`` is case-insensitive)."""
+
+    patterns: dict[str, tuple[str, re.Pattern[str]]] = field(default_factory=dict)  # variable -> (source, regex)
+
+    @classmethod
+    def of(cls, carriers: Any) -> Maps:
+        maps = cls()
+        for carrier in carriers:
+            text = carrier_map(carrier)
+            if text is None:
+                continue
+            source, variable = text.split()[1:3]
+            regex = re.search(r"'~\*(.*)' 1;", text)
+            assert regex is not None
+            maps.patterns[variable] = (source, re.compile(regex.group(1), re.IGNORECASE))
+        return maps
+
+    def routes(self, query: str, cookies: list[str], headers: dict[str, str]) -> bool:
+        """Whether nginx sends the request to the gateway: ``$http_cookie`` joins every Cookie header with "; ",
+        ``$http_<name>`` is a header's first line."""
+        values = {"$args": query, "$http_cookie": "; ".join(cookies)}
+        values |= {"$http_" + k.lower().replace("-", "_"): v for k, v in headers.items()}
+        return any(p.search(values.get(source, "")) for source, p in self.patterns.values())
+
+
+ALL_CARRIERS = [c for d in DIALECTS.values() for c in d.carriers]
+SEARCH = Carriers((d.name, d.carriers) for d in DIALECTS.values())
+MAPS = Maps.of(ALL_CARRIERS)
+
+
+def gateway_finds(query: str, cookies: list[str], headers: dict[str, str]) -> bool:
+    all_headers: CIMultiDict[str] = CIMultiDict(headers)
+    for cookie in cookies:
+        all_headers.add("Cookie", cookie)
+    return any(f.carrier.where is not Where.BODY for f in SEARCH.find(query, all_headers, "GET", "/"))
+
+
+SPELLINGS = [
+    (f"user_email=a%40b.c&user_token={GRANT}", [], {}),
+    (f"USER_TOKEN={GRANT}&user_email=x", [], {}),
+    (f"user%5Ftoken={GRANT}", [], {}),
+    (f"u%73er_token={GRANT}", [], {}),
+    (f"x=1;user_token={GRANT}", [], {}),
+    (f"user_token=short&user_token={GRANT}", [], {}),
+    (f"token={GRANT[:5]}%{ord(GRANT[5]):02X}{GRANT[6:]}", [], {}),  # the value percent-encoded
+    (f"TOKEN={GRANT}&uuid=u", [], {}),
+    ("", [f"PyramidAuth={GRANT}"], {}),
+    ("", [f"pyramidauth={GRANT}"], {}),
+    ("", [f'x="a;PyramidAuth={GRANT}"'], {}),
+    ("", ["session=1", f"PyramidEmbeddedAuth={GRANT}"], {}),
+    ("", [f"a=1, PyramidAuth = {GRANT} ; b=2"], {}),
+    ("", [], {"X-Auth-Token": GRANT}),
+    ("", [], {"x-auth-token": f"admin-token, {GRANT}"}),
+]
+
+
+@pytest.mark.parametrize(("query", "cookies", "headers"), SPELLINGS)
+def test_nginx_sends_every_spelling_of_a_grant_to_the_gateway(
+    query: str, cookies: list[str], headers: dict[str, str]
+) -> None:
+    assert gateway_finds(query, cookies, headers)
+    assert MAPS.routes(query, cookies, headers)
+
+
+@pytest.mark.parametrize(
+    ("query", "cookies", "headers"),
+    [
+        ("page=2&sort=name", ["session=abc"], {"Accept": "text/html"}),
+        ("token=short", ["PyramidAuth=the-apps-own-session"], {"X-Auth-Token": "admin-token"}),
+        (f"other={GRANT}", [f"other={GRANT}"], {"X-Other": GRANT}),
+    ],
+)
+def test_ordinary_requests_go_straight_to_the_app(query: str, cookies: list[str], headers: dict[str, str]) -> None:
+    assert not gateway_finds(query, cookies, headers)
+    assert not MAPS.routes(query, cookies, headers)
+
+
+NAMES = sorted({c.name for c in ALL_CARRIERS} | {n for c in ALL_CARRIERS for _, n in c.bound} | {"x", "session"})
+_shape = st.text(alphabet="AbZz09_-", min_size=30, max_size=34)
+_values = _shape | st.just(GRANT) | st.text(max_size=8)
+
+
+def _spell(name: str, how: int) -> str:
+    return [name, name.upper(), quote(name, safe=""), "".join(f"%{ord(c):02x}" for c in name)][how]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(st.sampled_from(NAMES), st.integers(0, 3), _values, st.sampled_from("&;")), max_size=4),
+    cookies=st.lists(
+        st.lists(st.tuples(st.sampled_from(NAMES), _values, st.sampled_from(["; ", ";", ", "])), max_size=3), max_size=2
+    ),
+    header=st.none() | _values,
+)
+def test_whatever_the_gateway_takes_for_a_grant_nginx_sends_to_it(
+    pairs: list[tuple[str, int, str, str]], cookies: list[list[tuple[str, str, str]]], header: str | None
+) -> None:
+    query = "".join(f"{sep if i else ''}{_spell(n, how)}={quote(v)}" for i, (n, how, v, sep) in enumerate(pairs))
+    cookie_headers = ["".join(f"{sep if i else ''}{n}={v}" for i, (n, v, sep) in enumerate(c)) for c in cookies]
+    headers = {} if header is None else {"X-Auth-Token": header}
+    if gateway_finds(query, [c for c in cookie_headers if c], headers):
+        assert MAPS.routes(query, [c for c in cookie_headers if c], headers), (query, cookie_headers, headers)
+
+
+# -- a real nginx in front of a real gateway -----------------------------------------------------------------
+@dataclass
+class Seen:
+    method: str
+    raw_path: str
+    headers: dict[str, str]
+    cookies: list[str]
+    body_sha256: str
+    body: bytes
+
+
+@dataclass
+class Edge:
+    """nginx on ``url``, the gateway behind it on ``gateway``, the app on ``app_url``; what the app saw."""
+
+    url: str
+    gateway: str
+    app_url: str
+    seen: list[Seen]
+    access_log: Path
+    public_key: Any
+
+    def counts(self) -> dict[str, float]:
+        """The gateway's own count of the requests it served, by kind."""
+        with socket.create_connection(("127.0.0.1", int(self.gateway.rsplit(":", 1)[1]))) as s:
+            s.sendall(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            text = b"".join(iter(lambda: s.recv(65536), b"")).decode()
+        found = re.findall(r'gateway_request_duration_seconds_count\{kind="(\w+)"\} ([0-9.e+]+)', text)
+        return {kind: float(n) for kind, n in found}
+
+    def claims(self, seen: Seen, audience: str) -> dict[str, Any]:
+        token = seen.headers["x-impersonation-assertion"]
+        claims: dict[str, Any] = jwt.decode(token, self.public_key, algorithms=["EdDSA"], audience=audience)
+        return claims
+
+
+async def app_recorder(seen: list[Seen]) -> web.Application:
+    async def record(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        seen.append(Seen(request.method, request.raw_path, {k.lower(): v for k, v in request.headers.items()},
+                         request.headers.getall("Cookie", []), hashlib.sha256(body).hexdigest(), body))  # fmt: skip
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            ws = web.WebSocketResponse(protocols=("chat",))
+            await ws.prepare(request)
+            async for message in ws:
+                await ws.send_str("echo:" + message.data)
+            return ws
+        return web.json_response({"path": request.raw_path, "n": len(seen)})
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", record)
+    return app
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{what} did not start on {port}") from None
+            time.sleep(0.02)
+
+
+@dataclass
+class EdgeProcesses:
+    app_port: int
+    gateway_port: int
+    nginx_port: int
+    access_log: Path
+    key: Path
+    gateway: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="module")
+def edge_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeProcesses]:
+    """nginx and a gateway (embedded store) for an app on a port the module's event loop will serve."""
+    tmp = tmp_path_factory.mktemp("edge")
+    app_port, gateway_port, nginx_port = free_port(), free_port(), free_port()
+    key = tmp / "assertion.pem"
+    assert cli(["keys", "generate", str(key)]) == 0
+    apps = yaml.safe_load((ROOT / "config.yaml").read_text())["apps"]
+    for settings_ in apps.values():
+        settings_["upstream"] = f"http://127.0.0.1:{app_port}"
+    directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
+    config = processes.write_config(
+        tmp, "embedded", gateway_port, apps=apps, directory=directory,
+        server={"port": gateway_port, "public_url": f"http://127.0.0.1:{nginx_port}",
+                "trusted_proxies": ["127.0.0.1/32"]},
+        assertion={"private_key_file": str(key)},
+    )  # fmt: skip
+    include, access_log = tmp / "gateway.conf", tmp / "access.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    command = [sys.executable, "-m", "gateway", "proxy-config", "nginx", "--config", str(config),
+               "--listen", f"127.0.0.1:{nginx_port}", "--access-log", str(access_log)]  # fmt: skip
+    with include.open("w") as out:
+        subprocess.run(command, stdout=out, check=True, env=env)
+    gateway = processes.start(config)
+    nginx = subprocess.Popen([nginx_binary(), "-p", str(tmp), "-c", str(main_conf(tmp, include))],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        _wait_listening(nginx_port, nginx, "nginx")
+        _wait_listening(gateway_port, gateway, "the gateway")
+        yield EdgeProcesses(app_port, gateway_port, nginx_port, access_log, key, gateway)
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        try:
+            nginx.wait(10)
+        except subprocess.TimeoutExpired:
+            nginx.kill()
+        if nginx.stderr is not None:
+            nginx.stderr.close()
+        processes.stop(gateway)
+
+
+@pytest.fixture
+async def edge(edge_processes: EdgeProcesses) -> AsyncIterator[Edge]:
+    """The app, served by this test's event loop on the port nginx and the gateway send it to."""
+    p = edge_processes
+    seen: list[Seen] = []
+    runner = web.AppRunner(await app_recorder(seen), auto_decompress=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", p.app_port).start()
+    await processes.wait_ready(f"http://127.0.0.1:{p.gateway_port}", p.gateway)
+    key = serialization.load_pem_private_key(p.key.read_bytes(), password=None)
+    try:
+        yield Edge(f"http://127.0.0.1:{p.nginx_port}", f"127.0.0.1:{p.gateway_port}",
+                   f"http://127.0.0.1:{p.app_port}", seen, p.access_log, key.public_key())  # fmt: skip
+    finally:
+        await runner.cleanup()
+
+
+async def test_every_dialect_mints_and_redeems_through_nginx(edge: Edge) -> None:
+    before = edge.counts()
+    async with aiohttp.ClientSession(edge.url) as http:
+        # ActivePlatform: a link, its confirmation page and the confirming POST
+        async with http.get("/api/v3/resellers/1/user_authentication/token?account_id=505",
+                            headers={"X-Api-Token": "vY5fwetestK3gJXZH5uHCw"}) as r:  # fmt: skip
+            assert r.status == 200, await r.text()
+            ap = await r.json(content_type="application/vnd.api+json")
+        link = f"/welcome?user_email={quote(ap['owner_email'])}&user_token={ap['owner_token']}"
+        async with http.get(link) as r:
+            assert r.status == 200 and "Continue sign-in" in await r.text()
+        async with http.post(link, data={"impersonation_confirm": "1"}) as r:
+            assert r.status == 200
+        # Pyramid: the cookie
+        login = {"token": "pyramid-enterprise-admin-token", "userIdentity": "jdoe"}
+        async with http.post("/API3/authentication/authenticateUserByToken", json=login) as r:
+            assert r.status == 200
+            pyramid = await r.text()
+        async with http.get("/reports", headers={"Cookie": f"theme=dark; PyramidAuth={pyramid}"}) as r:
+            assert r.status == 200
+        # Denovolab: the API grant in X-Auth-Token
+        async with http.post("/v1/auth/as_client", json={"client_id": 41},
+                             headers={"X-Auth-Token": "denovolab-demo-admin-token"}) as r:  # fmt: skip
+            assert r.status == 200
+            cdr = (await r.json())["cdr_api_token"]
+        async with http.get("/cdr?day=1", headers={"X-Auth-Token": cdr}) as r:
+            assert r.status == 200
+        # BTC Direct: login-with-token, a body carrier
+        async with http.get("/api/v1/user/login-token", headers={"Authorization": "Bearer btcdirect-partner-demo-token",
+                            "User-Identifier": "7c3f9a1e2b4d6f8091a3c5e7f9b1d3e5a7c9e1f3"}) as r:  # fmt: skip
+            assert r.status == 200
+            btc = await r.json()
+        async with http.post(
+            "/api/v2/user/login-with-token", json={"uuid": btc["uuid"], "token": btc["token"], "x": 1}
+        ) as r:
+            assert r.status == 200
+    welcome, reports, cdr_seen, login = edge.seen
+    assert (welcome.method, welcome.raw_path) == ("GET", "/welcome")
+    assert edge.claims(welcome, "control-panel")["sub"] == "505"
+    assert (reports.raw_path, reports.cookies) == ("/reports", ["theme=dark"])
+    assert edge.claims(reports, "analytics")["sub"] == "jdoe"
+    assert cdr_seen.raw_path == "/cdr?day=1" and "x-auth-token" not in cdr_seen.headers
+    assert edge.claims(cdr_seen, "switch")["scope"] == "cdr_api"
+    assert (login.raw_path, login.body) == ("/api/v2/user/login-with-token", b'{"x":1}')
+    assert edge.claims(login, "exchange")["sub"] == "u-1"
+    after = edge.counts()
+    assert after.get("mint", 0) - before.get("mint", 0) == 4
+    assert after.get("redeem", 0) - before.get("redeem", 0) == 5  # the link's page, then 4 redemptions
+    log = edge.access_log.read_text()
+    for secret in (ap["owner_token"], pyramid, cdr, btc["token"]):
+        assert secret not in log
+
+
+async def test_ordinary_traffic_never_touches_the_gateway(edge: Edge) -> None:
+    before = edge.counts()
+    upload = os.urandom(3 * 1024 * 1024)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(upload), 65536):
+            yield upload[i : i + 65536]
+
+    async with aiohttp.ClientSession(edge.url) as http:
+        async with http.get("/dashboard?tab=1&token=short", headers={"Cookie": "PyramidAuth=own-session"}) as r:
+            assert r.status == 200
+        async with http.post("/upload", data=chunks(), headers={"Content-Type": "application/octet-stream"}) as r:
+            assert r.status == 200
+        async with http.ws_connect("/live", protocols=("chat",)) as ws:
+            assert ws.protocol == "chat"
+            await ws.send_str("hello")
+            assert (await ws.receive()).data == "echo:hello"
+        async with http.get("/healthz") as r:  # an app's own path, in edge mode
+            assert r.status == 200 and await r.json() == {"path": "/healthz", "n": 4}
+    page, upload_seen, live, health = edge.seen
+    assert (page.raw_path, page.cookies) == ("/dashboard?tab=1&token=short", ["PyramidAuth=own-session"])
+    assert upload_seen.body_sha256 == hashlib.sha256(upload).hexdigest()
+    assert live.raw_path == "/live" and health.raw_path == "/healthz"
+    after = edge.counts()
+    assert [after.get(k, 0) - before.get(k, 0) for k in ("pass", "redeem", "mint", "info")] == [0, 0, 0, 0]
+
+
+async def test_a_forged_assertion_reaches_the_app_on_neither_path(edge: Edge) -> None:
+    forged = {"X-Impersonation-Assertion": "forged.jwt.value"}
+    async with aiohttp.ClientSession(edge.url) as http:
+        async with http.get("/plain", headers=forged) as r:
+            assert r.status == 200
+        async with http.post("/v1/auth/as_client", json={"client_id": 41},
+                             headers={"X-Auth-Token": "denovolab-demo-admin-token"}) as r:  # fmt: skip
+            cdr = (await r.json())["cdr_api_token"]
+        async with http.get("/cdr", headers={**forged, "X-Auth-Token": cdr}) as r:
+            assert r.status == 200
+    # nginx drops header names with underscores; aiohttp's client would not send one, so raw bytes here
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(edge.url.rsplit(":", 1)[1]))
+    writer.write(b"GET /under HTTP/1.1\r\nHost: x\r\nX_Impersonation_Assertion: forged\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    assert (await reader.read()).startswith(b"HTTP/1.1 200")
+    writer.close()
+    await writer.wait_closed()
+    plain, redeemed, under = edge.seen
+    assert "x-impersonation-assertion" not in plain.headers
+    assert edge.claims(redeemed, "switch")["sub"] == "41"  # the gateway's own, verified
+    assert not any("impersonation" in name for name in under.headers)
+
+
+async def test_misspelt_carriers_still_reach_the_gateway(edge: Edge) -> None:
+    """A case-variant carrier name goes to the gateway, which takes it for what it is: the app never sees it."""
+    async with aiohttp.ClientSession(edge.url) as http:
+        async with http.get("/api/v3/resellers/1/user_authentication/token?account_id=505",
+                            headers={"X-Api-Token": "vY5fwetestK3gJXZH5uHCw"}) as r:  # fmt: skip
+            ap = await r.json(content_type="application/vnd.api+json")
+        link = f"/page?User_Email={quote(ap['owner_email'])}&USER_TOKEN={ap['owner_token']}"
+        async with http.get(link) as r:
+            assert "Continue sign-in" in await r.text()
+        async with http.put(link) as r:  # a link is for GET and POST only
+            assert r.status == 401
+        async with http.post(link, data={"impersonation_confirm": "1"}) as r:
+            assert r.status == 200
+    (seen,) = edge.seen
+    assert seen.raw_path == "/page" and edge.claims(seen, "control-panel")["sub"] == "505"
