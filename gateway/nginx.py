@@ -103,7 +103,7 @@ def render(
         "# Include it in nginx's http {} context; the gateway must list nginx's address in server.trusted_proxies.\n",
         "log_format igw_no_query '$remote_addr [$time_local] \"$request_method $uri $server_protocol\" $status '\n"
         "                        '$body_bytes_sent $request_time \"$http_user_agent\"';  # links hold grants\n",
-        "map $http_upgrade $igw_connection {\n    default upgrade;\n    \"\" \"\";\n}\n",
+        'map $http_upgrade $igw_connection {\n    default upgrade;\n    "" "";\n}\n',
         f"upstream {GATEWAY} {{\n    server {gateway};\n    keepalive 16;\n}}\n",
     ]
     upstream_names = {app.name: f"igw_app_{i}_{re.sub(r'[^a-z0-9]+', '_', app.name.lower())}" for i, app in

@@ -54,6 +54,7 @@ FORWARDING = (
     "Fastly-Client-IP", "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Original-Host",
 )  # fmt: skip
 _FORWARDING = frozenset(name.lower() for name in FORWARDING)
+_REFUSAL_DROPS = HOP_BY_HOP | {"content-length", "content-encoding"}  # the relayed refusal has no body
 _WS_HANDSHAKE = ("sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "sec-websocket-extensions")
 _UNSENDABLE_CLOSE = {0: 1000, 1005: 1000, 1006: 1011, 1015: 1011}  # close codes no close frame may carry
 
@@ -201,9 +202,11 @@ class Proxy:
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
                 )  # fmt: skip
         except aiohttp.WSServerHandshakeError as exc:
+            # The app's refusal, status and headers: aiohttp's client does not keep its body.
             response = web.Response(status=exc.status if exc.status >= 200 and exc.status != 101 else 502)
             for name, value in (exc.headers or {}).items():
-                if name.lower() not in HOP_BY_HOP and not name.lower().startswith("sec-websocket-"):
+                lower = name.lower()
+                if lower not in _REFUSAL_DROPS and not lower.startswith("sec-websocket-"):
                     response.headers.add(name, value)
             return response
         except (aiohttp.ClientError, TimeoutError) as exc:
