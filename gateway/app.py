@@ -163,6 +163,12 @@ async def request_middleware(
     except web.HTTPException as exc:
         status = exc.status
         raise
+    except ConnectionResetError:  # the client went away mid-request: nobody to answer, nothing wrong here
+        status = 499
+        log.info("client_disconnected")
+        if request.get(STREAMING):
+            raise
+        return web.Response(status=499)
     except Exception:
         log.exception("unhandled_error")
         if request.get(STREAMING):  # too late for a status: aiohttp drops the connection
@@ -264,7 +270,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             result = await request.app[GATEWAY].mint(command)
             return dialect.render(result, app, config.public_url_of(app))
         except GatewayError as exc:
-            return dialect.render_error(exc)
+            return dialect.error_response(exc)
         except Exception:
             log.exception("unhandled_error", app=app.name, dialect=app.dialect)
             return dialect.render_error(GatewayError())

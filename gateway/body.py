@@ -82,9 +82,28 @@ def _inflate(data: bytes, name: str, limit: int) -> bytes:
     raise UnsupportedEncoding(name)
 
 
-async def stream(reader: StreamReader, idle: float, stalled: list[bool]) -> AsyncIterator[bytes]:
-    """The body as it arrives, chunk by chunk; a pause longer than ``idle`` seconds ends it, after setting
-    ``stalled[0]`` so that the caller can tell a stalled client from a failing upstream."""
+async def buffer(reader: StreamReader, limit: int, timeout: float) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of a body, within ``timeout`` seconds (RequestTimeout), and whether that was all."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while size <= limit:
+                chunk = await reader.readany()
+                if not chunk:
+                    return b"".join(chunks), True
+                chunks.append(chunk)
+                size += len(chunk)
+    except TimeoutError:
+        raise RequestTimeout(timeout) from None
+    return b"".join(chunks), False
+
+
+async def stream(reader: StreamReader, idle: float, stalled: list[bool], prefix: bytes = b"") -> AsyncIterator[bytes]:
+    """``prefix``, then the rest of the body as it arrives; a pause longer than ``idle`` seconds ends it, after
+    setting ``stalled[0]`` so that the caller can tell a stalled client from a failing upstream."""
+    if prefix:
+        yield prefix
     while True:
         try:
             async with asyncio.timeout(idle):

@@ -145,16 +145,19 @@ def body_fields(body: bytes) -> Mapping[str, Any]:
 
 
 # -- removal ----------------------------------------------------------------------------------------------
-def strip_query(query: str, names: Collection[str]) -> str:
-    """``query`` without the pairs named (in any spelling) in ``names`` (lower-case); the others untouched."""
+def strip_query(query: str, names: Collection[str], tokens: Collection[str] | None = None) -> str:
+    """``query`` without the pairs named (in any spelling) in ``names`` (lower-case) — only those holding one of
+    ``tokens`` when given; the others untouched."""
     parts = _PAIRS.split(query)
     kept: list[str] = []
     for i in range(0, len(parts), 2):
         pair = parts[i]
-        if pair and _name(pair.partition("=")[0]) not in names:
-            if kept:
-                kept.append(parts[i - 1])
-            kept.append(pair)
+        name, _, value = pair.partition("=")
+        if not pair or (_name(name) in names and (tokens is None or unquote_plus(value) in tokens)):
+            continue
+        if kept:
+            kept.append(parts[i - 1])
+        kept.append(pair)
     return "".join(kept)
 
 

@@ -27,10 +27,12 @@ from .dialects import Carrier, Dialect, Endpoint, Where, template_regex
 from .proxy import ASSERTION_HEADER, FORWARDING
 
 GATEWAY = "igw_gateway"
+GRANT = "$igw_grant"  # 1 when a request holds a grant-shaped value in any carrier
 _TOKEN_LENGTH = (TOKEN_BYTES * 4 + 2) // 3  # base64url without padding
 _TOKEN_CHAR = "[A-Za-z0-9_-]"
 # A query value that decodes to a grant: each character as itself or percent-encoded.
 _QUERY_VALUE = f"(?:{_TOKEN_CHAR}|%[0-9A-Fa-f]{{2}}){{{_TOKEN_LENGTH}}}"
+_TLS = "        proxy_ssl_server_name on;\n        proxy_ssl_name {host};"
 _FOREVER = "24d"  # nginx's longest safe timer: "no timeout"
 # Client-sent headers nginx must not pass on; the gateway drops every X-Forwarded-* it does not set itself.
 _BLANKED = (
@@ -112,19 +114,16 @@ def render(
         url = URL(app.upstream)
         host = f"[{url.raw_host}]" if ":" in (url.raw_host or "") else url.raw_host
         out.append(f"upstream {upstream_names[app.name]} {{\n    server {host}:{url.port};\n    keepalive 32;\n}}\n")
+    # Every app's carriers on every route, as the gateway searches them: a grant is the gateway's business
+    # wherever it sits (it refuses one presented on another app's route).
     carriers = {carrier_variable(c): c for app in apps for c in dialects[app.dialect].carriers}
-    out.extend(m for c in carriers.values() if (m := carrier_map(c)) is not None)
+    maps = [m for c in carriers.values() if (m := carrier_map(c)) is not None]
+    out.extend(maps)
+    variables = "".join(v for v, c in carriers.items() if c.where is not Where.BODY)
+    out.append(f'map "{variables}" {GRANT} {{\n    default 0;\n    "~1" 1;\n}}\n')
     servers = _servers(apps)
-    combined: dict[tuple[str, ...], str] = {}
-    for _, groups in servers:
-        for group in groups:
-            key = _group_variables(group, dialects)
-            if key and key not in combined:
-                name = f"$igw_route_{len(combined)}"
-                combined[key] = name
-                out.append(f'map "{"".join(key)}" {name} {{\n    default 0;\n    "~1" 1;\n}}\n')
     for hosts, groups in servers:
-        out.append(_server(config, dialects, hosts, groups, listen, access_log, upstream_names, combined))
+        out.append(_server(config, dialects, hosts, groups, listen, access_log, upstream_names))
     return "\n".join(out)
 
 
@@ -154,12 +153,6 @@ def _groups(apps: Iterable[AppConfig]) -> list[_Group]:
     return [_Group(mount, tuple(listed)) for mount, listed in sorted(by_mount.items())]
 
 
-def _group_variables(group: _Group, dialects: Mapping[str, Dialect]) -> tuple[str, ...]:
-    found = [carrier_variable(c) for app in group.apps for c in dialects[app.dialect].carriers
-             if c.where is not Where.BODY]  # fmt: skip
-    return tuple(dict.fromkeys(found))
-
-
 def _server(
     config: Config,
     dialects: Mapping[str, Dialect],
@@ -168,7 +161,6 @@ def _server(
     listen: str,
     access_log: str,
     upstream_names: Mapping[str, str],
-    combined: Mapping[tuple[str, ...], str],
 ) -> str:
     gateway_timeout = max((_timeout(a.read_timeout_seconds) for a in config.apps), key=_seconds, default="300s")
     lines = [
@@ -207,8 +199,7 @@ def _server(
     mounts = {g.mount for g in groups}
     for group in groups:
         first = group.apps[0]
-        route = combined.get(_group_variables(group, dialects))
-        body = _app_block(first, upstream_names[first.name], route)
+        body = _app_block(first, upstream_names[first.name])
         if group.mount:
             lines += [f"    location = {group.mount} {{", *body, "    }"]
             lines += [f"    location {group.mount}/ {{", *body, "    }"]
@@ -231,22 +222,24 @@ def _gateway_headers(read_timeout: str) -> list[str]:
     ]
 
 
-def _app_block(app: AppConfig, upstream: str, route: str | None) -> list[str]:
+def _app_block(app: AppConfig, upstream: str) -> list[str]:
     url = URL(app.upstream)
     base = url.raw_path.rstrip("/")
     # With a URI part nginx replaces the location's prefix (the mount) with it, as the gateway strips it.
     target = f"{url.scheme}://{upstream}" + (f"{base}/" if app.mount or base else "")
-    lines = [f"        if ({route}) {{ return 418; }}  # a grant: to the gateway"] if route else []
-    lines += [
+    return [
+        f"        if ({GRANT}) {{ return 418; }}  # a grant: to the gateway",
         f'        set $igw_host "{url.raw_authority}";',
         f"        proxy_pass {target};",
         f"        proxy_connect_timeout {_timeout(app.connect_timeout_seconds)};",
         f"        proxy_read_timeout {_timeout(app.read_timeout_seconds)};",
         f"        proxy_send_timeout {_timeout(app.read_timeout_seconds)};",
+        *(
+            ["        proxy_ssl_server_name on;", f"        proxy_ssl_name {url.raw_host};"]
+            if url.scheme == "https"
+            else []
+        ),
     ]
-    if url.scheme == "https":
-        lines += ["        proxy_ssl_server_name on;", f"        proxy_ssl_name {url.raw_host};"]
-    return lines
 
 
 def _timeout(seconds: float) -> str:

@@ -166,10 +166,14 @@ class Proxy:
         *,
         method: str | None = None,
         expire_cookies: Iterable[str] = (),
+        prefix: bytes = b"",
     ) -> web.StreamResponse:
-        """Send the request to ``upstream`` and stream its answer back (502 unreachable, 504 too slow)."""
+        """Send the request to ``upstream`` and stream its answer back (502 unreachable, 504 too slow). A
+        StreamReader ``body`` streams after ``prefix``, the part of it already read."""
         stalled = [False]
-        data: Any = bodies.stream(body, self.body_timeout, stalled) if isinstance(body, StreamReader) else body
+        data: Any = body
+        if isinstance(body, StreamReader):
+            data = bodies.stream(body, self.body_timeout, stalled, prefix)
         try:
             async with self.http.request(
                 method or request.method, upstream.url(raw_path, query), headers=headers, data=data,
@@ -181,6 +185,8 @@ class Proxy:
                 raise
             if stalled[0]:
                 return _plain(408, "Request Timeout: the request body stopped arriving.\n", close=True)
+            if request.transport is None or request.transport.is_closing():
+                raise ConnectionResetError("the client went away") from exc
             log.warning("upstream_unreachable", upstream=upstream.authority, error=type(exc).__name__)
             if isinstance(exc, TimeoutError):
                 return _plain(504, "Gateway Timeout: the upstream application did not answer in time.\n")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Collection, Sequence
+from dataclasses import replace
 
 import structlog
 from aiohttp import StreamReader, web
@@ -68,10 +69,22 @@ class Redeemer:
         self._carriers: dict[tuple[str, ...], Carriers] = {}
 
     def carriers(self, apps: Sequence[AppConfig]) -> Carriers:
+        """The carriers a request on a route with ``apps`` is searched for: those apps' own, and every other app's
+        query, cookie and header carriers as passive ones (the route's app may use such a name for itself, but a
+        live grant there is another app's: refused, and never passed on)."""
         key = tuple(a.name for a in apps)
         found = self._carriers.get(key)
         if found is None:
-            found = self._carriers[key] = Carriers((a.name, self.dialects[a.dialect].carriers) for a in apps)
+            own = [(a.name, self.dialects[a.dialect].carriers) for a in apps]
+            names = {(c.where, c.name.lower()) for _, carriers in own for c in carriers}
+            foreign = {
+                (c.where, c.name.lower()): replace(c, passive=True)
+                for other in self.config.apps
+                if other.name not in key
+                for c in self.dialects[other.dialect].carriers
+                if c.where is not Where.BODY and (c.where, c.name.lower()) not in names
+            }
+            found = self._carriers[key] = Carriers([*own, (key[0], tuple(foreign.values()))])
         return found
 
     async def handle(self, request: web.Request, target: Target, route: Route, client: str) -> web.StreamResponse:
@@ -85,7 +98,7 @@ class Redeemer:
             try:
                 raw_body, decoded = await bodies.read(request, server.body_limit_bytes, server.body_timeout_seconds)
             except GatewayError as exc:
-                return self.dialects[self.config.app(body_app).dialect].render_error(exc)
+                return self.dialects[self.config.app(body_app).dialect].error_response(exc)
         found = carriers.find(target.query, request.headers, method, path, decoded)
         if not found:
             request[KIND] = "pass"
@@ -93,7 +106,7 @@ class Redeemer:
         request[KIND] = "redeem"
         first = self.config.app(found[0].offer.app)
         dialect = self.dialects[first.dialect]
-        links = [f for f in found if f.carrier.where is Where.QUERY]
+        links = [f for f in found if f.carrier.where is Where.QUERY and not f.carrier.passive]
         scanner_safe = any(not self.config.app(f.offer.app).redeem_on_get for f in links)
         if links and method in ("GET", "HEAD") and (method == "HEAD" or scanner_safe) and not _is_websocket(request):
             return confirmation_page()
@@ -102,7 +115,7 @@ class Redeemer:
                 try:
                     self.gateway.refuse(first.name, "method", client)
                 except GatewayError as exc:
-                    return dialect.render_error(exc)
+                    return dialect.error_response(exc)
             try:
                 live = await self.gateway.live(f.offer.token for f in found)
             except Exception as exc:
@@ -115,7 +128,7 @@ class Redeemer:
             try:  # perhaps the POST of a confirmation page
                 raw_body, decoded = await bodies.read(request, server.body_limit_bytes, server.body_timeout_seconds)
             except GatewayError as exc:
-                return dialect.render_error(exc)
+                return dialect.error_response(exc)
             confirm = any(name == CONFIRM_FIELD for name, _ in query_pairs(decoded.decode("latin-1")))
         try:
             redemption = await self.gateway.redeem([f.offer for f in found], client)
@@ -162,20 +175,24 @@ class Redeemer:
         if _is_websocket(request):
             return await self.proxy.bridge(request, upstream, raw_path, query, headers)
         body: bytes | StreamReader | None = raw_body
+        prefix = b""
         if body is None and method is None and request.body_exists:
+            server = self.config.server
+            body = request.content
             length = request.content_length
-            if length is not None and length <= self.config.server.body_limit_bytes:
-                # Small bodies are read before an upstream connection is taken: a slow client holds none.
+            if length is None or length <= server.body_limit_bytes:
+                # Up to the body limit is read before an upstream connection is taken: a slow client holds none.
                 try:
-                    body = await bodies.read_raw(request, length, self.config.server.body_timeout_seconds)
+                    prefix, complete = await bodies.buffer(request.content, server.body_limit_bytes,
+                                                           server.body_timeout_seconds)  # fmt: skip
                 except RequestTimeout:
                     response = web.Response(status=408, text="Request Timeout: the request body did not arrive.\n")
                     response.force_close()
                     return response
-            else:
-                body = request.content
+                if complete:
+                    body, prefix = prefix, b""
         return await self.proxy.forward(
-            request, upstream, raw_path, query, headers, body, method=method, expire_cookies=expire
+            request, upstream, raw_path, query, headers, body, method=method, expire_cookies=expire, prefix=prefix
         )
 
 
@@ -187,7 +204,7 @@ def _refusal(dialect: Dialect, exc: Exception, app: AppConfig) -> web.Response:
     if not isinstance(exc, GatewayError):
         log.exception("unhandled_error", app=app.name, dialect=app.dialect)
         exc = GatewayError()
-    return dialect.render_error(exc)
+    return dialect.error_response(exc)
 
 
 def _is_websocket(request: web.Request) -> bool:
@@ -195,11 +212,16 @@ def _is_websocket(request: web.Request) -> bool:
 
 
 def _strip(headers: CIMultiDict[str], query: str, found: Sequence[Found], tokens: Collection[str]) -> str:
-    """Remove the carriers ``found`` from what goes on: every link carrier's fields, and the cookies and headers
-    that hold one of ``tokens``; return the query left."""
-    query_names = {n.lower() for f in found if f.carrier.where is Where.QUERY for n in f.carrier.fields}
-    if query_names:
-        query = strip_query(query, query_names)
+    """Remove the carriers ``found`` from what goes on: every link carrier's fields, and the other carriers that
+    hold one of ``tokens``; return the query left."""
+    links = {n.lower() for f in found if f.carrier.where is Where.QUERY and not f.carrier.passive
+             for n in f.carrier.fields}  # fmt: skip
+    if links:
+        query = strip_query(query, links)
+    passive = {f.carrier.name.lower() for f in found if f.carrier.where is Where.QUERY and f.carrier.passive
+               and f.offer.token in tokens}  # fmt: skip
+    if passive:
+        query = strip_query(query, passive, tokens)
     cookies = {f.carrier.name.lower() for f in found if f.carrier.where is Where.COOKIE and f.offer.token in tokens}
     if cookies:
         strip_cookies(headers, cookies, tokens)

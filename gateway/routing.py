@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from .config import AppConfig
+
+# A segment an upstream might still take for "." or "..": around an encoded "/" or a backslash (which we do not
+# split on), or with ";parameters" (which some servers cut off).
+_HIDDEN_DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.{1,2}(?:[/\\;]|$)")
 
 
 class BadTarget(ValueError):
@@ -50,6 +55,8 @@ def parse_target(raw: str, host: str) -> Target:
     last = len(pieces) - 1
     for i, piece in enumerate(pieces):
         name = unquote(piece) if "%" in piece else piece
+        if name not in (".", "..") and _HIDDEN_DOT_SEGMENT.search(name):
+            raise BadTarget("the path holds a disguised dot-segment")
         if name in (".", ".."):
             if name == "..":
                 if not segments:

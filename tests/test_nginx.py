@@ -15,7 +15,6 @@ import asyncio
 import hashlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +36,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from bench.nginx import main_conf, nginx_binary
 from gateway.carriers import Carriers
 from gateway.cli import main as cli
 from gateway.config import config_from_dict
@@ -61,28 +61,6 @@ GOLDEN_CONFIG: dict[str, Any] = {
                      "mount": "/x"},
     },
 }  # fmt: skip
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
-    if found is None:
-        pytest.fail("nginx is not installed (apt-get install nginx-light): the edge-mode tests need it")
-    return found
-
-
-def main_conf(tmp: Path, include: Path) -> Path:
-    """A whole nginx.conf of the test's own, in ``tmp``, that includes the generated file."""
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp / sub).mkdir(exist_ok=True)
-    conf = tmp / "nginx.conf"
-    conf.write_text(
-        f"daemon off;\nworker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log info;\n"
-        "events { worker_connections 512; }\n"
-        f"http {{\n  client_body_temp_path {tmp}/body;\n  proxy_temp_path {tmp}/proxy;\n"
-        f"  fastcgi_temp_path {tmp}/fastcgi;\n  uwsgi_temp_path {tmp}/uwsgi;\n  scgi_temp_path {tmp}/scgi;\n"
-        f"  include {include};\n}}\n"
-    )
-    return conf
 
 
 # -- the configuration --------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ real requests (every documented status of every operation) fit it.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
+import gzip
 import importlib.metadata
 import importlib.resources
 import json
@@ -25,6 +27,7 @@ import redis.asyncio as aioredis
 import schemathesis
 import yaml
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 
 from gateway.app import create_app
 from gateway.core import Gateway
@@ -179,9 +182,11 @@ def test_btcdirect_error_codes_are_the_catalogue() -> None:
         schema = response["content"]["application/json"]["schema"]
         return set(schema["allOf"][1]["properties"]["errors"]["propertyNames"]["enum"])
 
-    by_status = {s: {c for c, e in CATALOGUE.items() if e.status == s} for s in (400, 413, 429, 500)}
+    by_status = {s: {c for c, e in CATALOGUE.items() if e.status == s} for s in (400, 408, 413, 415, 429, 500)}
     assert codes("400") == by_status[400]
+    assert codes("408") == by_status[408] == {"ER923"}
     assert codes("413") == by_status[413] == {"ER921"}
+    assert codes("415", "/api/v2/user/login-with-token", "post") == by_status[415] == {"ER922"}
     assert codes("429") == by_status[429] == {"ER920"}
     assert codes("500") == codes("503") == by_status[500] == {"ER999"}
 
@@ -207,6 +212,7 @@ DIRECTORY["apps"]["switch"]["principals"].append(
 )
 BODY_LIMIT = 1024
 TOO_LARGE = b"x" * (2 * BODY_LIMIT)
+GZIP_BOMB = gzip.compress(b"{" + b" " * (64 * BODY_LIMIT) + b"}")  # small on the wire, over the limit decoded
 
 AP = "/api/v3/resellers/{}/user_authentication/token"
 AP_TOKEN = {"X-Api-Token": "vY5fwetestK3gJXZH5uHCw"}
@@ -226,7 +232,7 @@ class Scenario:
     url: str
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes | None = None
-    setup: str = "demo"  # demo | limited (one failed credential, limit 1) | down (no store) | broken
+    setup: str = "demo"  # demo | limited (one failed credential, limit 1) | down (no store) | broken | slow
 
     @property
     def path(self) -> str:
@@ -257,6 +263,7 @@ SCENARIOS: dict[str, Scenario] = {
     "ap-404-account": Scenario(404, "GET", AP.format(1) + "?account_id=909", AP_TOKEN),
     "ap-404-newline": Scenario(404, "GET", AP.format("%0A") + "?account_id=505", AP_TOKEN),
     "ap-413": Scenario(413, "GET", AP.format(1) + "?account_id=505", AP_TOKEN, TOO_LARGE),
+    "ap-408": Scenario(408, "GET", AP.format(1) + "?account_id=505", AP_TOKEN, b"{}", setup="slow"),
     "ap-429": Scenario(429, "GET", AP.format(1) + "?account_id=505", AP_TOKEN, setup="limited"),
     "ap-500": Scenario(500, "GET", AP.format(1) + "?account_id=505", AP_TOKEN, setup="broken"),
     "ap-503": Scenario(503, "GET", AP.format(1) + "?account_id=505", AP_TOKEN, setup="down"),
@@ -266,6 +273,7 @@ SCENARIOS: dict[str, Scenario] = {
     "ap-path-403": Scenario(403, "GET", AP.format(1) + "/505", {"X-Api-Token": "marketing-manager-token"}),
     "ap-path-404": Scenario(404, "GET", AP.format(1) + "/404", AP_TOKEN),
     "ap-path-413": Scenario(413, "GET", AP.format(1) + "/505", AP_TOKEN, TOO_LARGE),
+    "ap-path-408": Scenario(408, "GET", AP.format(1) + "/505", AP_TOKEN, b"{}", setup="slow"),
     "ap-path-429": Scenario(429, "GET", AP.format(1) + "/505", AP_TOKEN, setup="limited"),
     "ap-path-500": Scenario(500, "GET", AP.format(1) + "/505", AP_TOKEN, setup="broken"),
     "ap-path-503": Scenario(503, "GET", AP.format(1) + "/505", AP_TOKEN, setup="down"),
@@ -284,6 +292,10 @@ SCENARIOS: dict[str, Scenario] = {
     "p3-401-unknown": pyramid(401, {"token": "guess", "userIdentity": "jdoe"}),
     "p3-403-domain": pyramid(403, {"token": DA, "userIdentity": "asmith"}),
     "p3-413": Scenario(413, "POST", P3, {}, TOO_LARGE),
+    "p3-408": pyramid(408, {"token": EA, "userIdentity": "jdoe"}, setup="slow"),
+    "p3-413-gzip-bomb": Scenario(413, "POST", P3, {"Content-Encoding": "gzip"}, GZIP_BOMB),
+    "p3-415": Scenario(415, "POST", P3, {"Content-Encoding": "br"}, b"\x1b\x00"),
+    "p3-415-corrupt": Scenario(415, "POST", P3, {"Content-Encoding": "gzip"}, b"not gzip at all"),
     "p3-429": pyramid(429, {"token": EA, "userIdentity": "jdoe"}, setup="limited"),
     "p3-500": pyramid(500, {"token": EA, "userIdentity": "jdoe"}, setup="broken"),
     "p3-503": pyramid(503, {"token": EA, "userIdentity": "jdoe"}, setup="down"),
@@ -293,6 +305,8 @@ SCENARIOS: dict[str, Scenario] = {
     "p2-401": pyramid(401, {"token": "guess", "userIdentity": "jdoe"}, P2),
     "p2-403": pyramid(403, {"token": DA, "userIdentity": "asmith"}, P2),
     "p2-413": Scenario(413, "POST", P2, {}, TOO_LARGE),
+    "p2-408": pyramid(408, {"token": EA, "userIdentity": "jdoe"}, P2, setup="slow"),
+    "p2-415": Scenario(415, "POST", P2, {"Content-Encoding": "zstd"}, b"x"),
     "p2-429": pyramid(429, {"token": EA, "userIdentity": "jdoe"}, P2, setup="limited"),
     "p2-500": pyramid(500, {"token": EA, "userIdentity": "jdoe"}, P2, setup="broken"),
     "p2-503": pyramid(503, {"token": EA, "userIdentity": "jdoe"}, P2, setup="down"),
@@ -311,6 +325,8 @@ SCENARIOS: dict[str, Scenario] = {
     "dn-403": denovolab(403, {"client_id": 41}, {"X-Auth-Token": "denovolab-viewer-token"}),
     "dn-404": denovolab(404, {"client_id": 42}),
     "dn-413": Scenario(413, "POST", DN, DN_TOKEN, TOO_LARGE),
+    "dn-408": denovolab(408, {"client_id": 41}, setup="slow"),
+    "dn-415": Scenario(415, "POST", DN, {**DN_TOKEN, "Content-Encoding": "deflate"}, b"not deflate"),
     "dn-429": denovolab(429, {"client_id": 41}, setup="limited"),
     "dn-500": denovolab(500, {"client_id": 41}, setup="broken"),
     "dn-503": denovolab(503, {"client_id": 41}, setup="down"),
@@ -332,6 +348,7 @@ SCENARIOS: dict[str, Scenario] = {
     "btc-400-ER702": Scenario(400, "GET", BTC, {**PARTNER, "User-Authorization": "Bearer guess"}),
     "btc-400-ER700": Scenario(400, "GET", BTC, {**PARTNER, "User-Authorization": "Bearer"}),
     "btc-413": Scenario(413, "GET", BTC, {**PARTNER, **USER_ID}, TOO_LARGE),
+    "btc-408": Scenario(408, "GET", BTC, {**PARTNER, **USER_ID}, b"{}", setup="slow"),
     "btc-429": Scenario(429, "GET", BTC, {**PARTNER, **USER_ID}, setup="limited"),
     "btc-500": Scenario(500, "GET", BTC, {**PARTNER, **USER_ID}, setup="broken"),
     "btc-503": Scenario(503, "GET", BTC, {**PARTNER, **USER_ID}, setup="down"),
@@ -342,6 +359,8 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "with-token-401-garbage": Scenario(401, "POST", WITH_TOKEN, {}, b"\xff\x00"),
     "with-token-413": Scenario(413, "POST", WITH_TOKEN, {}, TOO_LARGE),
+    "with-token-408": Scenario(408, "POST", WITH_TOKEN, {}, b'{"uuid": "u", "token": "t"}', setup="slow"),
+    "with-token-415": Scenario(415, "POST", WITH_TOKEN, {"Content-Encoding": "compress"}, b"x"),
     "with-token-500": Scenario(500, "POST", WITH_TOKEN, {}, b'{"uuid": "u", "token": "t"}', setup="broken"),
     "with-token-503": Scenario(503, "POST", WITH_TOKEN, {}, b'{"uuid": "u", "token": "t"}', setup="down"),
     # operations
@@ -391,7 +410,9 @@ async def client_for(
     """``await client_for(setup)``: the demo apps and directory, as the scenario's setup wants them."""
 
     async def make(setup: str) -> TestClient[Any, Any]:
-        server = {"body_limit_bytes": BODY_LIMIT}
+        server: dict[str, Any] = {"body_limit_bytes": BODY_LIMIT}
+        if setup == "slow":  # the body stops after its first byte
+            server["body_timeout_seconds"] = 0.2
         if setup == "broken":
             _break(monkeypatch)
         if setup == "limited":
@@ -408,12 +429,40 @@ def scenarios(*setups: str) -> list[Any]:
 
 
 async def answer(client: TestClient[Any, Any], scenario: Scenario) -> None:
+    if scenario.setup == "slow":
+        status, headers, body = await _send_slowly(client, scenario)
+        assert status == scenario.status, body
+        assert_conforms(scenario.method, scenario.path, status, headers, body)
+        return
     response = await client.request(scenario.method, scenario.url, headers=scenario.headers, data=scenario.body)
     assert response.status == scenario.status, await response.text()
     await assert_answer_conforms(response, scenario.method, scenario.path)
 
 
-@pytest.mark.parametrize("name", scenarios("demo", "limited", "broken"))
+async def _send_slowly(client: TestClient[Any, Any], scenario: Scenario) -> tuple[int, Any, bytes]:
+    """Send the scenario's head and the first byte of its body, then wait for the answer (raw: the gateway answers
+    and closes before the body is done)."""
+    assert scenario.body
+    head = (
+        f"{scenario.method} {scenario.url} HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: {len(scenario.body)}\r\n"
+    )
+    head += "".join(f"{k}: {v}\r\n" for k, v in scenario.headers.items()) + "Connection: close\r\n\r\n"
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(head.encode() + scenario.body[:1])
+        await writer.drain()
+        raw_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        status_line, _, header_block = raw_head.strip().partition(b"\r\n")
+        headers = CIMultiDict(line.decode().split(": ", 1) for line in header_block.split(b"\r\n") if line)
+        assert headers["Connection"] == "close"
+        body = await asyncio.wait_for(reader.readexactly(int(headers["Content-Length"])), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("name", scenarios("demo", "limited", "broken", "slow"))
 async def test_answers_fit_the_description(
     name: str, client_for: Callable[[str], Awaitable[TestClient[Any, Any]]]
 ) -> None:

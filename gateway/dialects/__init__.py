@@ -22,7 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy, 
 
 from ..config import DIALECTS, AppConfig
 from ..core import ImpersonationCommand, MintResult
-from ..errors import GatewayError, RateLimited
+from ..errors import GatewayError, RateLimited, RequestTimeout
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,13 @@ class Dialect(ABC):
 
     def info(self, req: HttpRequest, app: AppConfig, public_url: str) -> web.Response:
         raise NotImplementedError
+
+    def error_response(self, error: GatewayError) -> web.Response:
+        """``render_error``, closing the connection after a body that stopped arriving (it may never end)."""
+        response = self.render_error(error)
+        if isinstance(error, RequestTimeout):
+            response.force_close()
+        return response
 
 
 def json_response(
