@@ -26,6 +26,9 @@ CASES = {
     "redeem": "redeem",
     "floor_proxy": "floor-proxy",
     "passthrough": "pass-through",
+    "nginx_proxy": "nginx alone",
+    "edge_passthrough": "edge pass",
+    "edge_redeem": "edge redeem",
 }
 INVALID_SHARE = 0.01  # a case with more failed requests than this measured something else: exit status 1
 
@@ -61,6 +64,8 @@ TARGETS = (
     Target("mint_ratio", ">= 0.8", lambda v: v >= 0.8),
     Target("redeem_ratio", ">= 0.8", lambda v: v >= 0.8),
     Target("passthrough_ratio", ">= 0.9", lambda v: v >= 0.9),
+    Target("edge_passthrough_ratio", ">= 0.95 (edge pass / nginx alone)", lambda v: v >= 0.95),
+    Target("edge_passthrough_gateway_requests", "0 (nginx alone carries them)", lambda v: v == 0),
     Target("workers2_scaling", ">= 1.6", lambda v: v >= 1.6),
     Target("mint_p99_ratio", "<= 2 (p99 / floor-mint's)", lambda v: v <= 2),
     Target("redeem_p99_ratio", "<= 2 (p99 / floor-redeem's)", lambda v: v <= 2),
@@ -89,6 +94,7 @@ class Figures:
     redis_bytes_per_tombstone: float | None = None
     rss_mb_at_start: float | None = None
     rss_marks: dict[int, tuple[int, float]] = field(default_factory=dict)  # mark -> (mints served, RSS MB)
+    edge_passthrough_gateway_requests: int | None = None  # what the gateway counted of the edge pass-through run
 
     def add(self, case: str, load: Load) -> Load:
         self.loads[case] = load
@@ -120,10 +126,13 @@ class Figures:
         out["mint_ratio"] = self._ratio("mint", "floor_mint", rps)
         out["redeem_ratio"] = self._ratio("redeem", "floor_redeem", rps)
         out["passthrough_ratio"] = self._ratio("passthrough", "floor_proxy", rps)
+        out["edge_passthrough_ratio"] = self._ratio("edge_passthrough", "nginx_proxy", rps)
+        out["edge_passthrough_gateway_requests"] = self.edge_passthrough_gateway_requests
         out["workers2_scaling"] = self._ratio("mint_workers2", "mint", rps)
         out["mint_p99_ratio"] = self._ratio("mint", "floor_mint", p99)
         out["redeem_p99_ratio"] = self._ratio("redeem", "floor_redeem", p99)
         out["passthrough_p99_ratio"] = self._ratio("passthrough", "floor_proxy", p99)
+        out["edge_passthrough_p99_ratio"] = self._ratio("edge_passthrough", "nginx_proxy", p99)
         out["p50_ms"] = {case: round(load.p50_ms, 3) for case, load in self.loads.items()}
         out["p99_ms"] = {case: round(load.p99_ms, 3) for case, load in self.loads.items()}
         for case, run in self.gateway_runs.items():
@@ -216,7 +225,13 @@ class Figures:
             verdict = "n/a" if value is None else ("met" if target.met(value) else "MISSED")
             shown = "-" if value is None else f"{value:g}"
             lines.append(f"{target.figure:<{width}}  {shown:>10}  target {target.text:<32} {verdict}")
-        extra = {k: summary.get(k) for k in ("passthrough_p99_ratio", "redis_bytes_per_tombstone", "rss_mb_at_start")}
+        extra_keys = (
+            "passthrough_p99_ratio",
+            "edge_passthrough_p99_ratio",
+            "redis_bytes_per_tombstone",
+            "rss_mb_at_start",
+        )
+        extra = {k: summary.get(k) for k in extra_keys}
         for mark in sorted(self.rss_marks):
             extra[f"rss_mb_after_{mark // 1000}k_mints"] = summary.get(f"rss_mb_after_{mark // 1000}k_mints")
         for key, value in extra.items():

@@ -1,5 +1,8 @@
 """``make bench``: start redis-server and the upstream, then load each case in turn and report.
 
+``BENCH_CASES`` (comma-separated case labels, as printed while running) runs only those cases, for a quick
+look while working: ratios need both of their cases, and the redeem cases the rates of mint and floor-redeem.
+
 Each case gets a fresh server process and an empty Redis (the gateway loads the demo directory at
 start-up), a warm-up of ``BENCH_WARMUP`` seconds (default 2) and a measured run of ``BENCH_DURATION``
 seconds (default 10). A floor and the gateway case compared with it run back to back, so that the
@@ -16,6 +19,7 @@ import itertools
 import math
 import os
 import secrets
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +32,7 @@ import yaml
 
 from . import floors, processes
 from .load import THREADS, Load, wrk
+from .nginx import main_conf, nginx_binary, plain_proxy
 from .processes import PYTHON, BenchError, Process, free_port, get_json, get_text, ready_url, start
 from .report import Figures, GatewayRun, write_results
 
@@ -97,11 +102,11 @@ class Bench:
             process.stop()
 
     @contextlib.contextmanager
-    def gateway(self) -> Iterator[Gateway]:
+    def gateway(self, config: Path | None = None, port: int | None = None) -> Iterator[Gateway]:
         """One gateway worker (bench/server.py) on an empty Redis."""
         self.redis.flushall()
-        port, stats_port = free_port(), free_port()
-        args = [PYTHON, "-m", "bench.server", "--config", str(self.config), "--port", str(port),
+        port, stats_port = port or free_port(), free_port()
+        args = [PYTHON, "-m", "bench.server", "--config", str(config or self.config), "--port", str(port),
                 "--stats-port", str(stats_port)]  # fmt: skip
         process = start("gateway", args, self.tmp, cwd=ROOT)
         try:
@@ -110,6 +115,37 @@ class Bench:
             yield gateway
         finally:
             process.stop()
+
+    @contextlib.contextmanager
+    def nginx(self, name: str, port: int, include: str) -> Iterator[str]:
+        """nginx on ``port`` with ``include`` in its http context, as main_conf runs it."""
+        folder = self.tmp / name
+        folder.mkdir(exist_ok=True)
+        (folder / "include.conf").write_text(include)
+        conf = main_conf(folder, folder / "include.conf")
+        process = start(name, [nginx_binary(), "-p", str(folder), "-c", str(conf)], self.tmp)
+        try:
+            process.wait_listening(port)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.stop()
+
+    @contextlib.contextmanager
+    def edge(self) -> Iterator[tuple[str, Gateway]]:
+        """nginx with the configuration ``proxy-config nginx`` generates, in front of one gateway worker."""
+        nginx_port, gateway_port = free_port(), free_port()
+        raw = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+        raw["server"] = {**(raw.get("server") or {}), "port": gateway_port, "trusted_proxies": ["127.0.0.1/32"],
+                         "public_url": f"http://127.0.0.1:{nginx_port}"}  # fmt: skip
+        config = self.tmp / "edge.yaml"
+        config.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+        command = [PYTHON, "-m", "gateway", "proxy-config", "nginx", "--config", str(config),
+                   "--listen", f"127.0.0.1:{nginx_port}", "--access-log", "off"]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+        if done.returncode != 0:
+            raise BenchError(f"proxy-config nginx failed: {done.stderr.strip()}")
+        with self.gateway(config, gateway_port) as gateway, self.nginx("nginx-edge", nginx_port, done.stdout) as url:
+            yield url, gateway
 
     @contextlib.contextmanager
     def gateway_workers(self, workers: int) -> Iterator[str]:
@@ -313,6 +349,29 @@ def passthrough_case(bench: Bench) -> None:
         bench.figures.add_gateway("passthrough", gateway.measure("pass", Workload(gateway.url + PASS_PATH)))
 
 
+def nginx_case(bench: Bench) -> None:
+    """nginx alone, proxying to the same upstream: what every ordinary request costs without the gateway."""
+    port = free_port()
+    upstream = bench.upstream_url.removeprefix("http://")
+    with bench.nginx("nginx-alone", port, plain_proxy(f"127.0.0.1:{port}", upstream)) as url:
+        bench.figures.add("nginx_proxy", bench.measure(Workload(url + PASS_PATH)))
+
+
+def edge_cases(bench: Bench) -> None:
+    """The generated nginx configuration in front of the gateway: ordinary requests (which must not reach the
+    gateway: its count of them is reported) and redemptions (routed to it by the carrier maps)."""
+    with bench.edge() as (url, gateway):
+        run = gateway.measure("pass", Workload(url + PASS_PATH))
+        bench.figures.add("edge_passthrough", run.load)
+        bench.figures.edge_passthrough_gateway_requests = run.served
+
+        def supply(needed: int) -> list[str]:
+            return bench.mint_tokens(gateway.url, needed, bench.figures.rps("mint"))
+
+        load = bench.warm_redeem(url, REDEEM_PREFIX, supply, bench.figures.rps("floor_redeem"))
+        bench.figures.add_gateway("edge_redeem", gateway.measure("redeem", load, warm=False))
+
+
 def workers_case(bench: Bench, workers: int = 2) -> None:
     with bench.gateway_workers(workers) as url:
         bench.figures.add(f"mint_workers{workers}", bench.measure(Workload(url + MINT_PATH, headers=MINT_HEADERS)))
@@ -355,9 +414,18 @@ def run(duration: int, warmup: int) -> Figures:
             ("redeem", lambda: redeem_case(bench)),
             ("floor-proxy", lambda: floor_case(bench, "proxy", PASS_PATH)),
             ("pass-through", lambda: passthrough_case(bench)),
+            ("nginx alone", lambda: nginx_case(bench)),
+            ("edge: pass-through and redeem", lambda: edge_cases(bench)),
             ("RSS after 100k and 200k mints", lambda: rss_case(bench)),
         ]
+        chosen = [c.strip() for c in os.environ.get("BENCH_CASES", "").split(",") if c.strip()]
+        unknown = set(chosen) - {label for label, _ in steps}
+        if unknown:
+            raise BenchError(f"BENCH_CASES: no case {', '.join(sorted(unknown))}; the cases: "
+                             + ", ".join(label for label, _ in steps))  # fmt: skip
         for label, step in steps:
+            if chosen and label not in chosen:
+                continue
             print(f"bench: {label}", file=sys.stderr, flush=True)
             step()
         return figures
