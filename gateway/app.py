@@ -29,7 +29,7 @@ from .config import Config
 from .core import Gateway
 from .dialects import Dialect, HttpRequest, all_dialects
 from .errors import GatewayError, StoreUnavailable
-from .logging import FLUSH_SECONDS, flush_logs
+from .logging import FLUSH_SECONDS, REQUEST_ID, bind_request, flush_logs, log_request, unbind_request
 from .metrics import Metrics
 from .proxy import STREAMING, Proxy
 from .redemption import KIND, Redeemer
@@ -55,11 +55,7 @@ def create_app(
     fakeredis); ``key`` replaces ``assertion.private_key_file``."""
     # Bodies are never decoded by the server: a pass-through body reaches the app byte for byte, and the
     # gateway decodes (bounded) only the bodies it reads itself.
-    app = web.Application(
-        middlewares=[request_middleware],
-        client_max_size=config.server.body_limit_bytes,
-        handler_args={"auto_decompress": False},
-    )
+    app = web.Application(client_max_size=config.server.body_limit_bytes, handler_args={"auto_decompress": False})
     app[CONFIG] = config
     app[DIALECTS] = all_dialects(app.dialect for app in config.apps)
     app[METRICS] = Metrics()
@@ -75,12 +71,7 @@ def create_app(
     app.cleanup_ctx.append(_store_ctx(redis))
     app.cleanup_ctx.append(_proxy_ctx)
     app.cleanup_ctx.append(_log_flush_ctx)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/.well-known/jwks.json", jwks)
-    app.router.add_get("/openapi.json", openapi)
-    app.router.add_route("*", r"/{tail:[\s\S]*}", dispatch)  # any path, newlines included
+    app.router.add_route("*", r"/{tail:[\s\S]*}", handle)  # any path, newlines included
     return app
 
 
@@ -143,21 +134,24 @@ async def _log_flush_ctx(app: web.Application) -> AsyncIterator[None]:
     flush_logs()
 
 
-# -- middleware and operations ------------------------------------------------------------------------
-@web.middleware
-async def request_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """One log line per request (never the query string: it may hold a grant) and the latency histogram."""
+# -- every request -----------------------------------------------------------------------------------
+async def handle(request: web.Request) -> web.StreamResponse:
+    """Every request: its one log line (never the query string: it may hold a grant) and its latency, around an
+    operations endpoint or :func:`dispatch`. (One handler and no middleware: every request pays for what aiohttp's
+    router and middleware chain would add.)"""
     request_id = request.headers.get("X-Request-ID", "")
     if not (0 < len(request_id) <= 64 and request_id.isascii() and request_id.replace("-", "").isalnum()):
         request_id = f"{random.getrandbits(64):016x}"  # an id, not a secret
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+    request[REQUEST_ID] = request_id
     start = time.perf_counter()
     status = 500
     try:
-        response = await handler(request)
+        operation = OPERATIONS.get(request.path) if request.method in ("GET", "HEAD") else None
+        if operation is not None and (operation[1] or request.app[ROUTER].host_apps(request.host) is None):
+            request[KIND] = "ops"
+            response = await operation[0](request)
+        else:
+            response = await dispatch(request)
         status = response.status
         return response
     except web.HTTPException as exc:
@@ -165,55 +159,38 @@ async def request_middleware(
         raise
     except ConnectionResetError:  # the client went away mid-request: nobody to answer, nothing wrong here
         status = 499
-        log.info("client_disconnected")
+        log.info("client_disconnected", request_id=request_id)
         if request.get(STREAMING):
             raise
         return web.Response(status=499)
     except Exception:
+        bind_request(request)
         log.exception("unhandled_error")
         if request.get(STREAMING):  # too late for a status: aiohttp drops the connection
             raise
         return web.Response(status=500, text="Internal Server Error\n")
     finally:
+        unbind_request(request)
         duration = time.perf_counter() - start
         request.app[METRICS].observe(request.get(KIND, "other"), duration)
-        log.info("request", method=request.method, path=request.path, status=status,
-                 duration_ms=round(duration * 1000, 2))  # fmt: skip
+        log_request({"request_id": request_id, "method": request.method, "path": request.path, "status": status,
+                     "duration_ms": round(duration * 1000, 2)})  # fmt: skip
 
 
-def _operator_only(
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """Health and metrics answer on the gateway's own host names; on a host an app lists, the path is the app's."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        if request.app[ROUTER].host_apps(request.host) is not None:
-            return await dispatch(request)
-        request[KIND] = "ops"
-        return await handler(request)
-
-    return wrapped
-
-
-@_operator_only
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-@_operator_only
 async def readyz(request: web.Request) -> web.Response:
     ready = await request.app[GATEWAY].store.ping()
     return web.json_response({"status": "ready" if ready else "store unavailable"}, status=200 if ready else 503)
 
 
-@_operator_only
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 
 async def jwks(request: web.Request) -> web.Response:
-    request[KIND] = "ops"
     return web.Response(
         body=request.app[SIGNER].jwks_json(),
         content_type="application/json",
@@ -222,8 +199,18 @@ async def jwks(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    request[KIND] = "ops"
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+# The gateway's own GET endpoints, and whether they answer on every host. Health and metrics are for
+# operators: on a host an app lists, those paths are the app's.
+OPERATIONS: dict[str, tuple[Callable[[web.Request], Awaitable[web.StreamResponse]], bool]] = {
+    "/healthz": (healthz, False),
+    "/readyz": (readyz, False),
+    "/metrics": (metrics, False),
+    "/.well-known/jwks.json": (jwks, True),
+    "/openapi.json": (openapi, True),
+}
 
 
 @functools.cache
@@ -255,6 +242,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             continue
         endpoint, params = matched
         request[KIND] = endpoint.kind
+        bind_request(request)
         view = HttpRequest(request.method, path, request.query, request.headers, client=client,
                            endpoint=endpoint, params=params)  # fmt: skip
         try:

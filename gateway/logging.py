@@ -12,12 +12,50 @@ import atexit
 import io
 import logging
 import sys
+import time
 from typing import Any
 
 import orjson
 import structlog
+from aiohttp import web
 
 FLUSH_SECONDS = 0.2
+REQUEST_ID = web.RequestKey("request_id", str)
+_BOUND = web.RequestKey("log_context_bound", bool)
+
+
+def bind_request(request: web.Request) -> None:
+    """Give every event logged from here on in this request its ``request_id``.
+
+    Only requests that log more than their request line (mints, redemptions, failures) pay for it: the
+    request middleware logs the id itself and unbinds it afterwards (aiohttp runs a connection's requests in
+    one task, so a binding would otherwise outlive its request).
+    """
+    if not request.get(_BOUND):
+        structlog.contextvars.bind_contextvars(request_id=request[REQUEST_ID])
+        request[_BOUND] = True
+
+
+def unbind_request(request: web.Request) -> None:
+    if request.get(_BOUND):
+        structlog.contextvars.clear_contextvars()
+
+
+class _Timestamp:
+    """ISO 8601 UTC with microseconds, like structlog's TimeStamper(fmt="iso", utc=True), formatting the
+    date and time only once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: Any, name: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event
 
 
 class _BlockWriter:
@@ -74,17 +112,40 @@ def route_library_logs() -> None:
     root.setLevel(min(root.level or logging.WARNING, logging.WARNING))
 
 
+_production: tuple[list[structlog.typing.Processor], _Timestamp] | None = None  # set by configure_logging(json=True)
+_log = structlog.get_logger("gateway")
+
+
+def log_request(fields: dict[str, Any]) -> None:
+    """The one ``request`` line of a request. Every request writes one, so while structlog writes JSON lines as
+    :func:`configure_logging` set it up, the line is rendered straight to them (the same fields, without
+    structlog's per-event machinery); otherwise (development, a test capturing logs) it goes through structlog."""
+    if _production is not None and _writer is not None:
+        processors, timestamp = _production
+        if structlog.get_config()["processors"] is processors:
+            fields["event"] = "request"
+            fields["level"] = "info"
+            timestamp(None, "info", fields)
+            _writer.write(orjson.dumps(fields) + b"\n")
+            return
+    _log.info("request", **fields)
+
+
 def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:
-    """Configure structlog once for the process; request ids travel in contextvars."""
+    """Configure structlog once for the process; request ids travel in contextvars (see :func:`bind_request`)."""
+    global _production, _writer
+    timestamp = _Timestamp()
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        timestamp,
         structlog.processors.format_exc_info,
     ]
+    _production = None
     if json:
         processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
-        global _writer
+        if level <= logging.INFO:
+            _production = processors, timestamp
         sys.stdout.flush()
         _writer = _BlockWriter(sys.stdout.fileno())
         atexit.register(_writer.flush_now)

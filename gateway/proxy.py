@@ -19,22 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import select
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import StreamReader, WSMsgType, web
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.connector import Connection
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import body as bodies
+from . import upstream as upstream_client
 from .config import AppConfig, ServerConfig
+from .logging import bind_request
 from .routing import is_trusted
+from .upstream import Answer
 
 log = structlog.get_logger("gateway")
 
@@ -64,22 +63,27 @@ class Upstream:
     """An app's upstream, parsed once: where its requests go and how long they may take."""
 
     scheme: str
-    authority: str
+    host: str
+    port: int
+    authority: str  # its Host header
     base: str  # the upstream URL's path, without a trailing slash
     connect_timeout: float
     read_timeout: float | None
-    timeout: aiohttp.ClientTimeout
 
     @classmethod
     def of(cls, app: AppConfig) -> Upstream:
         url = URL(app.upstream)
-        read = app.read_timeout_seconds or None
-        timeout = aiohttp.ClientTimeout(total=None, connect=app.connect_timeout_seconds, sock_read=read)
-        return cls(url.scheme, url.raw_authority, url.raw_path.rstrip("/"), app.connect_timeout_seconds, read, timeout)
+        assert url.raw_host is not None and url.port is not None  # config checked it is an absolute http(s) URL
+        return cls(url.scheme, url.raw_host, url.port, url.raw_authority, url.raw_path.rstrip("/"),
+                   app.connect_timeout_seconds, app.read_timeout_seconds or None)  # fmt: skip
 
     def url(self, raw_path: str, query: str) -> URL:
         return URL.build(scheme=self.scheme, authority=self.authority, path=self.base + raw_path,
                          query_string=query, encoded=True)  # fmt: skip
+
+    def target(self, raw_path: str, query: str) -> str:
+        """The request target for the app: its base path, the routed path and the raw query."""
+        return self.base + raw_path + ("?" + query if query else "")
 
 
 def request_headers(request: web.Request, trusted: tuple[str, ...]) -> CIMultiDict[str]:
@@ -107,49 +111,25 @@ def request_headers(request: web.Request, trusted: tuple[str, ...]) -> CIMultiDi
     return out
 
 
-class _CheckedConnector(aiohttp.TCPConnector):
-    """A pool that looks at an idle connection before reusing it: one the app closed meanwhile (or that holds
-    bytes nobody asked for) is dropped and the request takes another, so nothing of it was sent yet."""
-
-    async def _get(self, key: Any, traces: Any) -> Connection | None:
-        while (connection := await super()._get(key, traces)) is not None:
-            if not _readable(connection.protocol):
-                return connection
-            connection.close()
-        return None
-
-
-def _readable(protocol: ResponseHandler | None) -> bool:
-    """Whether an idle connection's socket can be read: end of file or unsolicited bytes, so it is done with."""
-    transport = protocol.transport if protocol is not None else None
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return False
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
-
-
 class Proxy:
-    """The upstream clients (one pool for HTTP, bounded per upstream; one for WebSockets) and forwarding."""
+    """The upstream clients (:mod:`gateway.upstream` for HTTP, pooled and bounded per upstream address; aiohttp's
+    for WebSockets, which hold a connection for as long as they live) and forwarding."""
 
     def __init__(self, server: ServerConfig) -> None:
         self.body_timeout = server.body_timeout_seconds
         self.trusted = server.trusted_proxies
+        self.http = upstream_client.Client(server.upstream_connections)
         # No redirects followed, no decompression, no cookie jar, no header the client did not send.
-        common: dict[str, Any] = {
-            "auto_decompress": False,
-            "cookie_jar": aiohttp.DummyCookieJar(),
-            "skip_auto_headers": ("Accept", "Accept-Encoding", "User-Agent"),
-            "timeout": aiohttp.ClientTimeout(total=None, connect=5, sock_read=None),
-        }
-        connector = _CheckedConnector(limit=0, limit_per_host=server.upstream_connections, ttl_dns_cache=300)
-        self.http = aiohttp.ClientSession(connector=connector, **common)
-        # A WebSocket holds its connection for as long as it lives: not out of the HTTP pool.
-        self.ws = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), **common)
+        self.ws = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
+            timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=None),
+        )
 
     async def close(self) -> None:
-        await self.http.close()
+        self.http.close()
         await self.ws.close()
 
     def headers(self, request: web.Request) -> CIMultiDict[str]:
@@ -171,22 +151,22 @@ class Proxy:
         """Send the request to ``upstream`` and stream its answer back (502 unreachable, 504 too slow). A
         StreamReader ``body`` streams after ``prefix``, the part of it already read."""
         stalled = [False]
-        data: Any = body
-        if isinstance(body, StreamReader):
-            data = bodies.stream(body, self.body_timeout, stalled, prefix)
+        data = bodies.stream(body, self.body_timeout, stalled, prefix) if isinstance(body, StreamReader) else body
+        pool = self.http.pool(upstream.host, upstream.port, upstream.scheme == "https")
         try:
-            async with self.http.request(
-                method or request.method, upstream.url(raw_path, query), headers=headers, data=data,
-                allow_redirects=False, compress=None, timeout=upstream.timeout,
+            async with await self.http.request(
+                pool, method or request.method, upstream.target(raw_path, query), upstream.authority, headers, data,
+                connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout,
             ) as answer:  # fmt: skip
                 return await _relay(request, answer, expire_cookies)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # TimeoutError is an OSError
             if request.get(STREAMING):  # the answer has begun: all that is left is to cut the connection
                 raise
             if stalled[0]:
                 return _plain(408, "Request Timeout: the request body stopped arriving.\n", close=True)
             if request.transport is None or request.transport.is_closing():
                 raise ConnectionResetError("the client went away") from exc
+            bind_request(request)
             log.warning("upstream_unreachable", upstream=upstream.authority, error=type(exc).__name__)
             if isinstance(exc, TimeoutError):
                 return _plain(504, "Gateway Timeout: the upstream application did not answer in time.\n")
@@ -216,6 +196,7 @@ class Proxy:
                     response.headers.add(name, value)
             return response
         except (aiohttp.ClientError, TimeoutError) as exc:
+            bind_request(request)
             log.warning("upstream_unreachable", upstream=upstream.authority, error=type(exc).__name__)
             status = 504 if isinstance(exc, TimeoutError) else 502
             return _plain(status, "The upstream application did not accept the WebSocket.\n")
@@ -236,29 +217,33 @@ class Proxy:
         return client_ws
 
 
-async def _relay(
-    request: web.Request, answer: aiohttp.ClientResponse, expire_cookies: Iterable[str]
-) -> web.StreamResponse:
+async def _relay(request: web.Request, answer: Answer, expire_cookies: Iterable[str]) -> web.StreamResponse:
     length = answer.content_length
     small = length is not None and length <= BUFFER_LIMIT and request.method != "HEAD"
-    # A small answer of known length goes back in one write; anything else streams as it comes.
-    response = web.Response(status=answer.status, reason=answer.reason) if small \
-        else web.StreamResponse(status=answer.status, reason=answer.reason)  # fmt: skip
+    headers: CIMultiDict[str] = CIMultiDict()
     for name, value in answer.headers.items():
         lower = name.lower()
         if lower not in HOP_BY_HOP and not (small and lower == "content-length"):
-            response.headers.add(name, value)
-    for cookie in expire_cookies:
-        response.del_cookie(cookie, path="/")
-    if isinstance(response, web.Response):
-        response.body = await answer.read()
+            headers.add(name, value)
+    # A small answer of known length goes back in one write; anything else streams as it comes.
+    if small:
+        response = web.Response(status=answer.status, reason=answer.reason, headers=headers)
+        _expire(response, expire_cookies)
+        response.body = await answer.body.read()
         return response
-    await response.prepare(request)
+    streamed = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
+    _expire(streamed, expire_cookies)
+    await streamed.prepare(request)
     request[STREAMING] = True
-    async for chunk in answer.content.iter_any():
-        await response.write(chunk)
-    await response.write_eof()
-    return response
+    async for chunk in answer.body.iter_any():
+        await streamed.write(chunk)
+    await streamed.write_eof()
+    return streamed
+
+
+def _expire(response: web.StreamResponse, cookies: Iterable[str]) -> None:
+    for cookie in cookies:
+        response.del_cookie(cookie, path="/")
 
 
 def _plain(status: int, text: str, *, close: bool = False) -> web.Response:

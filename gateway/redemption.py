@@ -34,6 +34,7 @@ from .config import AppConfig, Config
 from .core import Gateway
 from .dialects import Dialect, Where
 from .errors import GatewayError, RequestTimeout
+from .logging import bind_request
 from .proxy import ASSERTION_HEADER, Proxy, Upstream
 from .routing import Route, Target
 
@@ -104,6 +105,7 @@ class Redeemer:
             request[KIND] = "pass"
             return await self._forward(request, target, route, route.apps[0], raw_body, self.proxy.headers(request))
         request[KIND] = "redeem"
+        bind_request(request)
         first = self.config.app(found[0].offer.app)
         dialect = self.dialects[first.dialect]
         links = [f for f in found if f.carrier.where is Where.QUERY and not f.carrier.passive]
