@@ -27,13 +27,14 @@ from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import StreamReader
+from aiohttp import ClientOSError, ServerDisconnectedError, StreamReader
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 
 KEEPALIVE_SECONDS = 15.0  # an idle connection older than this is not reused (apps often close at 5-75 s)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # a request without a body still says Content-Length: 0
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 class UpstreamTimeout(TimeoutError):
@@ -64,13 +65,18 @@ class Pool:
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    async def acquire(self) -> ResponseHandler:
+    async def acquire(self, *, fresh: bool = False) -> ResponseHandler:
+        """An idle connection (unless ``fresh``) or a new one; waits while ``limit`` are open and busy."""
         loop = asyncio.get_running_loop()
         while True:
-            connection = self.take_idle(loop.time())
+            connection = None if fresh else self.take_idle(loop.time())
             if connection is not None:
                 return connection
             if self._open < self.limit:
+                break
+            if fresh and self._idle:  # make room: an idle connection gives way to a new one
+                self._idle.popleft()[0].close()
+                self._open -= 1
                 break
             waiter = loop.create_future()
             self._waiters.append(waiter)
@@ -173,19 +179,44 @@ class Client:
         or aiohttp's ClientError (connection refused or reset, a garbled answer)."""
         loop = asyncio.get_running_loop()
         connection = pool.take_idle(loop.time())
-        if connection is None:
+        # A connection the app closes just as we reuse it fails before any answer: an idempotent request with a
+        # body we still hold is sent once more, on a new connection (RFC 9110 §9.2.2); any other fails (502).
+        retry = connection is not None and method in _IDEMPOTENT and (body is None or isinstance(body, bytes))
+        fresh = False
+        while True:
+            if connection is None:
+                try:
+                    async with asyncio.timeout(connect_timeout):
+                        connection = await pool.acquire(fresh=fresh)
+                except TimeoutError:
+                    raise UpstreamTimeout() from None
             try:
-                async with asyncio.timeout(connect_timeout):
-                    connection = await pool.acquire()
-            except TimeoutError:
-                raise UpstreamTimeout() from None
+                return await self._exchange(pool, connection, method, target, authority, headers, body, read_timeout)
+            except (ServerDisconnectedError, ClientOSError, ConnectionResetError):
+                if not retry:
+                    raise
+            retry, fresh, connection = False, True, None
+
+    async def _exchange(
+        self,
+        pool: Pool,
+        connection: ResponseHandler,
+        method: str,
+        target: str,
+        authority: str,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterable[bytes] | None,
+        read_timeout: float | None,
+    ) -> Exchange:
+        loop = asyncio.get_running_loop()
         sending: asyncio.Task[None] | None = None
         try:
             connection.set_response_params(
                 skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False, read_timeout=read_timeout
             )
             transport = connection.transport
-            assert transport is not None
+            if transport is None:
+                raise ServerDisconnectedError()
             if body is None or isinstance(body, bytes):
                 data = body or b""
                 length = str(len(data)) if data or method in _BODY_METHODS else None
