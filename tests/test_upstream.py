@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import ServerDisconnectedError
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
 from gateway.upstream import Client, Pool, UpstreamTimeout
@@ -214,3 +221,46 @@ async def test_answers_are_framed_by_llhttp(serve: Callable[[Handler], Awaitable
     assert await fetch(client, pool, "HEAD") == b""
     assert server.connections == 1  # both on one kept-alive connection
     client.close()
+
+
+async def test_an_https_upstream_is_verified_by_name(tmp_path: Path) -> None:
+    """TLS to the app: the certificate must name the upstream's host (here signed by a CA the client trusts)."""
+    ca_key, cert_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([]))
+            .issuer_name(ca_name).public_key(cert_key.public_key()).serial_number(2).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=True)
+            .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    pem = serialization.Encoding.PEM
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(pem))
+    (tmp_path / "key.pem").write_bytes(
+        cert_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    app = Server(lambda connection, request: answer(connection))
+    listening = await asyncio.start_server(app.serve, "127.0.0.1", 0, ssl=server_tls)
+    port = listening.sockets[0].getsockname()[1]
+    client = Client(limit=1)
+    client._tls = ssl.create_default_context(cadata=ca.public_bytes(pem).decode())  # the test CA, not the system's
+    try:
+        assert await fetch(client, client.pool("localhost", port, True)) == b"ok"
+        with pytest.raises(ssl.SSLCertVerificationError):  # the certificate does not name 127.0.0.1
+            await fetch(client, client.pool("127.0.0.1", port, True))
+    finally:
+        client.close()
+        listening.close()
+        await listening.wait_closed()
