@@ -89,6 +89,7 @@ def _store_ctx(redis: AnyRedis | None) -> Callable[[web.Application], AsyncItera
         refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await refresher
+        await gateway.directory.close()
         if redis is None:  # close only what we opened
             await store.close()
 

@@ -8,16 +8,17 @@ import asyncio
 import multiprocessing
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
+from tqdm import tqdm
 
 from .assertion import generate_key_file
 from .config import Config, ConfigError, load_config
-from .directory import DirectoryError, load_directory_file
+from .directory import AppDirectory, DirectoryError, SubjectsFile, load_directory_file, source_digest
 from .logging import configure_logging
 from .store import Store, connect
 
@@ -184,20 +185,42 @@ def _directory_load(args: argparse.Namespace) -> int:
         if name not in known:
             raise CliError(f"{args.file}: apps.{name} is not an app of the config ({', '.join(sorted(known))})")
     store = _store_for(config, "directory load")
+    # Processes follow a load within directory.refresh_seconds: until then they may read the old generation.
+    grace = 2 * config.directory.refresh_seconds + 1
 
-    async def load() -> str:
+    async def load() -> None:
         try:
-            return await store.load_directory(apps)
+            for name, directory in apps.items():
+                source = source_digest(directory)
+                with _progress(name, directory) as bar:
+                    summary = await store.load_app(directory, source=source, progress=bar.update)
+                print(f"loaded {summary}")
+            if apps:
+                await asyncio.sleep(grace)
+                for name in apps:
+                    await store.drop_generations(name)
         finally:
             await store.close()
 
     try:
-        generation = asyncio.run(load())
+        asyncio.run(load())
+    except (DirectoryError, KeyboardInterrupt):
+        raise
     except Exception as exc:
         raise CliError(f"cannot reach the store at {config.store.url}: {type(exc).__name__}") from None
-    counts = ", ".join(f"{n} ({len(d.principals)} principals, {len(d.subjects)} subjects)" for n, d in apps.items())
-    print(f"loaded {counts}; directory generation {generation}")
     return 0
+
+
+def _progress(app: str, directory: AppDirectory) -> tqdm[Any]:
+    """A progress bar on a terminal (stderr), nothing elsewhere; counted in subjects."""
+    shown = sys.stderr.isatty()
+    total: int | None = None
+    if shown and isinstance(directory.subjects, SubjectsFile):
+        with directory.subjects.path.open("rb") as lines:
+            total = sum(1 for line in lines if line.strip())
+    elif isinstance(directory.subjects, Sized):
+        total = len(directory.subjects)
+    return tqdm(total=total, desc=app, unit=" subjects", unit_scale=True, disable=not shown, leave=False)
 
 
 def _keys_generate(args: argparse.Namespace) -> int:

@@ -242,6 +242,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     )
 
 
+_APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # it names store keys and nginx upstreams
 _MOUNT = re.compile(r"(?:/[A-Za-z0-9._~-]+)+")
 _HOST = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
@@ -287,6 +288,9 @@ def _validate(config: Config) -> None:
     _positive("rate_limit.window_seconds", config.rate_limit.window_seconds)
     for app in config.apps:
         key = f"apps.{app.name}"
+        if not _APP_NAME.fullmatch(app.name):
+            raise ConfigError(f"{key}: an app's name is letters, digits, '.', '_' and '-' (at most 64), starting "
+                              "with a letter or digit")  # fmt: skip
         if app.dialect not in DIALECTS:
             raise ConfigError(f"{key}.dialect: expected one of {', '.join(DIALECTS)}, got {app.dialect!r}")
         _check_url(f"{key}.upstream", app.upstream, ("http", "https"))

@@ -23,7 +23,16 @@ import structlog
 
 from .assertion import Signer
 from .config import AppConfig, Config
-from .directory import AppDirectory, Principal, Subject, credential_hash, load_directory_file
+from .directory import (
+    Actors,
+    Principal,
+    Subject,
+    credential_hash,
+    identity_candidates,
+    load_directory_file,
+    same_domain,
+    source_digest,
+)
 from .errors import Forbidden, GrantRefused, Invalid, NotFound, RateLimited, StoreUnavailable, Unauthenticated
 from .metrics import Metrics
 from .store import Store
@@ -121,36 +130,119 @@ class Redemption:
     assertion: str
 
 
-class DirectoryCache:
-    """This process's copy of the directory, refreshed when the store's generation moves.
+class Directory:
+    """The directory as this process reads it.
 
-    When the store has no directory at all (Redis restarted empty, a flush) and a directory file is
+    Each app's actors (principals and resellers: few) are cached with the generation they come from, and
+    followed within ``directory.refresh_seconds`` of a load made by any process. Subjects (possibly
+    millions) are looked up in the store, in the generation this process follows, one request at a time:
+    the process's memory does not grow with them, and a load never stops it (the new generation is written
+    beside the one in use, then switched to).
+
+    When the store has no directory for an app (Redis restarted empty, a flush) and a directory file is
     configured, the file is loaded again, so the gateway heals without a restart.
     """
 
-    def __init__(self, store: Store, apps: Sequence[str], file: Path | None) -> None:
+    def __init__(self, store: Store, apps: Sequence[str], file: Path | None, refresh_seconds: float = 1.0) -> None:
         self.store = store
         self.apps = list(apps)
         self.file = file
-        self.generation: str | None = None
-        self._directories: dict[str, AppDirectory] | None = None  # None until the store was read once
+        self.grace_seconds = 2 * refresh_seconds + 1  # before a replaced generation is dropped
+        self._current: dict[str, tuple[str, Actors, str]] = {}  # app -> (generation, actors, source digest)
+        self._read = False
         self._lock = asyncio.Lock()
+        self._drops: set[asyncio.Task[None]] = set()
 
-    def get(self, app: str) -> AppDirectory:
-        """The app's directory (empty if it has none); StoreUnavailable until the store was read once."""
-        if self._directories is None:
+    def actors(self, app: str) -> Actors:
+        """The app's principals and resellers (none if it has no directory); StoreUnavailable until read once."""
+        if not self._read:
             raise StoreUnavailable()
-        return self._directories.get(app) or AppDirectory(app=app)
+        found = self._current.get(app)
+        return _NO_ACTORS if found is None else found[1]
+
+    async def subject(self, app: str, subject_id: str) -> Subject | None:
+        generation = self._generation(app)
+        found = None if generation is None else await self.store.subject(app, generation, subject_id)
+        if found is None and await self._moved(app, generation):  # a load this process has not followed yet
+            return await self.subject(app, subject_id)
+        return found
+
+    async def subjects_by(self, app: str, *lookups: tuple[str, str]) -> list[Subject]:
+        generation = self._generation(app)
+        found = [] if generation is None else await self.store.subjects_by(app, generation, lookups)
+        if not found and await self._moved(app, generation):
+            return await self.subjects_by(app, *lookups)
+        return found
+
+    async def _moved(self, app: str, generation: str | None) -> bool:
+        """After a miss: whether the app's generation moved since this process last looked (it then follows it)."""
+        current = (await self.store.generations([app]))[app]
+        if current is None or current == generation:
+            return False
+        found = await self.store.actors(app, current)
+        if found is None:
+            return False
+        self._current[app] = (current, *found)
+        return True
+
+    def _generation(self, app: str) -> str | None:
+        if not self._read:
+            raise StoreUnavailable()
+        found = self._current.get(app)
+        return None if found is None else found[0]
 
     async def refresh(self, *, load_file: bool = False) -> None:
-        """Read the directory again if its generation moved; ``load_file`` (start-up) loads the file first."""
+        """Follow the generation each app's directory is in; ``load_file`` (start-up) loads the directory file
+        first, for the apps whose store content did not come from the same file."""
         async with self._lock:
-            generation = await self.store.generation()
-            if self.file is not None and (load_file or generation is None):
-                generation = await self.store.load_directory(load_directory_file(self.file))
-                log.info("directory_loaded", file=str(self.file), generation=generation)
-            if self._directories is None or generation != self.generation:
-                self.generation, self._directories = await self.store.read_directory(self.apps)
+            generations = await self.store.generations(self.apps)
+            if self.file is not None and (load_file or any(g is None for g in generations.values())):
+                await self._load_file(generations)
+                generations = await self.store.generations(self.apps)
+            for app, generation in generations.items():
+                if generation is None:
+                    self._current.pop(app, None)
+                elif self._current.get(app, ("",))[0] != generation:
+                    found = await self.store.actors(app, generation)
+                    if found is not None:
+                        self._current[app] = (generation, *found)
+            self._read = True
+
+    async def _load_file(self, generations: Mapping[str, str | None]) -> None:
+        assert self.file is not None
+        for name, directory in load_directory_file(self.file).items():
+            if name not in generations:
+                log.warning("directory_app_unknown", app=name, file=str(self.file))
+                continue
+            source = source_digest(directory)
+            generation = generations[name]
+            found = None if generation is None else await self.store.actors(name, generation)
+            if found is not None and found[1] == source:
+                continue  # already loaded from this very file
+            # Small batches: this process serves requests between them.
+            summary = await self.store.load_app(directory, source=source, batch=200)
+            log.info("directory_loaded", file=str(self.file), app=name, generation=summary.generation,
+                     subjects=summary.subjects, added=summary.added, changed=summary.changed,
+                     removed=summary.removed, seconds=round(summary.seconds, 2))  # fmt: skip
+            task = asyncio.create_task(self._drop_later(name))
+            self._drops.add(task)
+            task.add_done_callback(self._drops.discard)
+
+    async def _drop_later(self, app: str) -> None:
+        """Drop the replaced generation once every process has had time to follow the new one."""
+        await asyncio.sleep(self.grace_seconds)
+        try:
+            await self.store.drop_generations(app)
+        except StoreUnavailable:
+            log.warning("directory_drop_failed", app=app, reason="store unavailable")  # the next load drops it
+
+    async def close(self) -> None:
+        for task in list(self._drops):
+            task.cancel()
+        await asyncio.gather(*self._drops, return_exceptions=True)
+
+
+_NO_ACTORS = Actors()
 
 
 def fingerprint(secret: str) -> str:
@@ -166,7 +258,9 @@ class Gateway:
         self.store = store
         self.signer = signer
         self.metrics = metrics
-        self.directory = DirectoryCache(store, [a.name for a in config.apps], config.directory.file)
+        self.directory = Directory(
+            store, [a.name for a in config.apps], config.directory.file, config.directory.refresh_seconds
+        )
         self._blocked: dict[str, float] = {}  # failure key -> monotonic time its block ends
 
     # -- minting ------------------------------------------------------------------------------------
@@ -230,8 +324,8 @@ class Gateway:
         if cmd.credential is None:
             raise Unauthenticated("missing", cmd.credential_name)
         self._check_blocked(cmd)
-        directory = self.directory.get(app.name)
-        principal = directory.principal(credential_hash(cmd.credential))
+        actors = self.directory.actors(app.name)
+        principal = actors.principal(credential_hash(cmd.credential))
         if principal is None:
             await self._record_failure(cmd)
             raise Unauthenticated("unknown", cmd.credential_name)
@@ -243,29 +337,36 @@ class Gateway:
             # account must belong to the path reseller's subtree.
             reseller = reseller or principal.reseller
             assert reseller is not None
-            if not directory.reseller_exists(reseller):
+            if not actors.reseller_exists(reseller):
                 raise NotFound("reseller")
-            if principal.reseller is None or not directory.within(reseller, principal.reseller):
+            if principal.reseller is None or not actors.within(reseller, principal.reseller):
                 raise Forbidden("scope")
-        subject = self._resolve(directory, cmd.target)
+        subject = await self._resolve(app.name, cmd.target)
         for name in cmd.bind:  # a grant whose carrier must bring back a value the subject lacks is unusable
             if getattr(subject, name) is None:
                 raise NotFound("subject", name)
-        if reseller is not None and not directory.within(subject.reseller, reseller):
+        if reseller is not None and not actors.within(subject.reseller, reseller):
             raise NotFound("subject")
         if principal.domain is not None and not _same_domain(subject.domain, principal.domain):
             raise Forbidden("scope")
         return principal, subject
 
-    @staticmethod
-    def _resolve(directory: AppDirectory, ref: SubjectRef) -> Subject:
+    async def _resolve(self, app: str, ref: SubjectRef) -> Subject:
+        """The active subject ``ref`` names; NotFound or Invalid (ambiguous, mismatched, missing) otherwise."""
+        directory = self.directory
         if ref.id is not None:
-            found = directory.subject(ref.id)
-            if found is None:
+            found = await directory.subject(app, ref.id)
+            if found is None or not found.active:
                 raise NotFound("subject", "id")
             return found
         if ref.identity is not None:
-            matches = directory.subjects_by_identity(ref.identity, ref.domain)
+            user, name, upn_domain = identity_candidates(ref.identity)
+            matches = [s for s in await directory.subjects_by(app, ("id", user), ("email", user))
+                       if s.active and s.answers_to(user, ref.domain)]  # fmt: skip
+            if not matches and name and upn_domain:  # a UPN that is nobody's: the user of that domain
+                matches = [s for s in await directory.subjects_by(app, ("id", name)) if s.active
+                           and s.id.casefold() == name and same_domain(s.domain, upn_domain)
+                           and (not ref.domain or same_domain(s.domain, ref.domain))]  # fmt: skip
             if not matches:
                 raise NotFound("subject", "identity")
             if len(matches) > 1:
@@ -273,11 +374,11 @@ class Gateway:
             return matches[0]
         by_token = None
         if ref.token is not None:
-            by_token = directory.subject_by_token(credential_hash(ref.token))
+            by_token = _one(await directory.subjects_by(app, ("token", credential_hash(ref.token))))
             if by_token is None:
                 raise NotFound("subject", "token")
         if ref.identifier is not None:
-            by_identifier = directory.subject_by_identifier(ref.identifier)
+            by_identifier = _one(await directory.subjects_by(app, ("identifier", ref.identifier)))
             if by_identifier is None:
                 raise NotFound("subject", "identifier")
             if by_token is not None and by_token.id != by_identifier.id:
@@ -359,14 +460,15 @@ class Gateway:
         now = int(time.time())
         if grant.expires_at < now:
             self._refuse(app, "expired", client, grant)
-        directory = self.directory.get(app.name)
-        principal = directory.principal_by_id(grant.actor)
+        principal = self.directory.actors(app.name).principal_by_id(grant.actor)
         if (
             principal is None
             or principal.credential_sha256[:16] != grant.actor_key
             or principal.role not in app.roles_allowed_to_mint
-            or directory.subject(grant.subject) is None
         ):
+            self._refuse(app, "revoked", client, grant)
+        subject = await self.directory.subject(app.name, grant.subject)
+        if subject is None or not subject.active:  # removed, or deactivated, since the grant was minted
             self._refuse(app, "revoked", client, grant)
         claims: dict[str, Any] = {
             "aud": app.name,
@@ -410,3 +512,10 @@ def _reason(exc: Exception) -> str:
 
 def _same_domain(held: str | None, domain: str) -> bool:
     return held is not None and held.casefold() == domain.casefold()
+
+
+def _one(subjects: list[Subject]) -> Subject | None:
+    """The one active subject a unique look-up (identifier, token) found; None for none, or for several (bad
+    data: nobody is guessed at)."""
+    active = [s for s in subjects if s.active]
+    return active[0] if len(active) == 1 else None

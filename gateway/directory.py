@@ -1,15 +1,17 @@
-"""The directory: who may impersonate whom, per app (DESIGN §5).
+"""The directory: who may impersonate whom, per app (DESIGN §5 and §11).
 
 Parsed from ``directory.yaml`` into frozen values; plain ``token`` credentials are hashed here, so only
-SHA-256 hex digests ever reach the store. One app's data travels as one JSON document, which is what
-lets ``directory load`` replace it atomically.
+SHA-256 hex digests ever reach the store. An app's few principals and resellers (its :class:`Actors`)
+travel as one document that every process caches; its subjects, possibly millions, are one store key each
+and are never all in memory: a ``subjects_file`` (JSON Lines) is read a line at a time by
+:class:`SubjectsFile`, and the gateway looks subjects up one at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +23,10 @@ import yaml
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # Attribute names never shown as a subject's public data, whatever the directory holds.
 _SECRET_NAMES = re.compile(r"pass|pwd|secret|token|credential|hash|api_?key", re.IGNORECASE)
+SUBJECT_FIELDS = frozenset(
+    {"id", "email", "name", "reseller", "domain", "uuid", "identifiers", "token", "token_sha256", "attributes",
+     "active", "external_id"}
+)  # fmt: skip
 
 
 class DirectoryError(ValueError):
@@ -45,7 +51,7 @@ class Principal:
 
 @dataclass(frozen=True)
 class Subject:
-    """Someone an actor can become inside one app."""
+    """Someone an actor can become inside one app; an inactive one (SCIM ``active: false``) can't be."""
 
     id: str
     email: str | None = None
@@ -56,6 +62,8 @@ class Subject:
     identifiers: tuple[str, ...] = ()
     token_sha256: str | None = None
     attributes: Mapping[str, Any] = field(default_factory=dict)
+    active: bool = True
+    external_id: str | None = None
 
     def public(self) -> dict[str, Any]:
         """The subject's public attributes: never a credential, hash or anything named like one."""
@@ -66,6 +74,38 @@ class Subject:
                 data[key] = getattr(self, key)
         return data
 
+    def to_json(self) -> bytes:
+        data = {k: v for k, v in self.__dict__.items() if v is not None and v != () and v != {}}
+        if self.active:
+            del data["active"]
+        return orjson.dumps(data)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Subject:
+        raw = orjson.loads(data)
+        if "identifiers" in raw:
+            raw["identifiers"] = tuple(raw["identifiers"])
+        return cls(**raw)
+
+    def index(self) -> list[tuple[str, str]]:
+        """The look-ups that find this subject, as ``(kind, value)``: ``id`` and ``email`` (casefolded, and
+        shared: several subjects may answer one), ``identifier``, ``token`` and ``external`` (unique)."""
+        entries = [("id", self.id.casefold())]
+        if self.email:
+            entries.append(("email", self.email.casefold()))
+        entries.extend(("identifier", i) for i in self.identifiers)
+        if self.token_sha256:
+            entries.append(("token", self.token_sha256))
+        if self.external_id:
+            entries.append(("external", self.external_id))
+        return entries
+
+    def answers_to(self, user: str, domain: str | None) -> bool:
+        """Whether the (casefolded) identity ``user`` names this subject, in ``domain`` when one is given:
+        ``user`` is its id or e-mail (see :func:`identity_candidates` for the UPN form)."""
+        return user in (self.id.casefold(), (self.email or "").casefold()) and (not domain or same_domain(
+            self.domain, domain))  # fmt: skip
+
 
 def _scrub(value: Any) -> Any:
     if isinstance(value, dict):
@@ -75,65 +115,34 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True)
-class AppDirectory:
-    """One app's resellers, principals and subjects, with the look-ups core needs."""
+def same_domain(held: str | None, asked: str) -> bool:
+    """A domain held in full (``sales.example.com``) or named by its first label (``SALES``)."""
+    if held is None:
+        return False
+    held, asked = held.casefold(), asked.casefold()
+    return held == asked or held.split(".", 1)[0] == asked
 
-    app: str
+
+@dataclass(frozen=True)
+class Actors:
+    """One app's principals and resellers: few, so every process keeps them in memory."""
+
     resellers: Mapping[str, str | None] = field(default_factory=dict)  # id -> parent id
     principals: tuple[Principal, ...] = ()
-    subjects: tuple[Subject, ...] = ()
 
     @cached_property
     def _by_credential(self) -> dict[str, Principal]:
         return {p.credential_sha256: p for p in self.principals}
 
     @cached_property
-    def _by_id(self) -> dict[str, Subject]:
-        return {s.id: s for s in self.subjects}
-
-    @cached_property
-    def _by_identifier(self) -> dict[str, Subject]:
-        return {i: s for s in self.subjects for i in s.identifiers}
-
-    @cached_property
-    def _by_token(self) -> dict[str, Subject]:
-        return {s.token_sha256: s for s in self.subjects if s.token_sha256}
-
-    @cached_property
-    def _principal_by_id(self) -> dict[str, Principal]:
+    def _by_id(self) -> dict[str, Principal]:
         return {p.id: p for p in self.principals}
 
     def principal(self, credential_sha256: str) -> Principal | None:
         return self._by_credential.get(credential_sha256)
 
     def principal_by_id(self, principal_id: str) -> Principal | None:
-        return self._principal_by_id.get(principal_id)
-
-    def subject(self, subject_id: str) -> Subject | None:
-        return self._by_id.get(subject_id)
-
-    def subject_by_identifier(self, identifier: str) -> Subject | None:
-        return self._by_identifier.get(identifier)
-
-    def subject_by_token(self, token_sha256: str) -> Subject | None:
-        return self._by_token.get(token_sha256)
-
-    def subjects_by_identity(self, user: str, domain: str | None) -> list[Subject]:
-        """Subjects whose id or email is ``user`` (case-insensitive), in ``domain`` when one is given.
-
-        A UPN that is no subject's id or e-mail (``jdoe@sales.example.com``) names the subject ``jdoe`` of
-        that domain. A domain matches a subject's domain in full (``sales.example.com``) or by its first
-        label, as a Windows ``SALES\\jdoe`` names it.
-        """
-        user = user.casefold()
-        found = [s for s in self.subjects if user in (s.id.casefold(), (s.email or "").casefold())]
-        name, at, upn_domain = user.rpartition("@")
-        if not found and at and name and upn_domain:
-            found = [s for s in self.subjects if s.id.casefold() == name and _same_domain(s.domain, upn_domain)]
-        if domain:
-            found = [s for s in found if _same_domain(s.domain, domain)]
-        return found
+        return self._by_id.get(principal_id)
 
     def reseller_exists(self, reseller: str) -> bool:
         return reseller in self.resellers
@@ -149,56 +158,83 @@ class AppDirectory:
         return False
 
     def to_json(self) -> bytes:
-        return orjson.dumps(
-            {
-                "app": self.app,
-                "resellers": dict(self.resellers),
-                "principals": [p.__dict__ for p in self.principals],
-                "subjects": [{**s.__dict__, "attributes": dict(s.attributes)} for s in self.subjects],
-            }
-        )
+        return orjson.dumps({"resellers": dict(self.resellers), "principals": [p.__dict__ for p in self.principals]})
 
     @classmethod
-    def from_json(cls, data: bytes) -> AppDirectory:
+    def from_json(cls, data: bytes) -> Actors:
         raw = orjson.loads(data)
-        return cls(
-            app=raw["app"],
-            resellers=raw["resellers"],
-            principals=tuple(Principal(**p) for p in raw["principals"]),
-            subjects=tuple(Subject(**{**s, "identifiers": tuple(s["identifiers"])}) for s in raw["subjects"]),
-        )
+        return cls(raw["resellers"], tuple(Principal(**p) for p in raw["principals"]))
 
 
-def _same_domain(held: str | None, asked: str) -> bool:
-    if held is None:
-        return False
-    held, asked = held.casefold(), asked.casefold()
-    return held == asked or held.split(".", 1)[0] == asked
+@dataclass(frozen=True)
+class AppDirectory:
+    """One app as a directory file gives it: its actors, and its subjects (a list, or a JSON Lines file read
+    as it is iterated)."""
+
+    app: str
+    actors: Actors = field(default_factory=Actors)
+    subjects: Iterable[Subject] = ()
+
+
+class SubjectsFile:
+    """A ``subjects_file``: JSON Lines, one subject object per line (blank lines skipped), read one line at a
+    time whenever it is iterated; a bad line raises DirectoryError naming the file and line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __iter__(self) -> Iterator[Subject]:
+        try:
+            with self.path.open("rb") as lines:
+                for number, line in enumerate(lines, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{self.path.name}:{number}"
+                    try:
+                        data = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        raise DirectoryError(f"{where}: not a JSON object") from None
+                    yield parse_subject(data, where)
+        except OSError as exc:
+            raise DirectoryError(f"directory: cannot read {self.path}: {exc.strerror}") from None
+
+    def __repr__(self) -> str:
+        return f"SubjectsFile({str(self.path)!r})"
+
+
+def identity_candidates(user: str) -> tuple[str, str | None, str | None]:
+    """``user`` casefolded, and for a UPN (``name@domain``) its name and domain: when nobody's id or e-mail
+    is the UPN, it names the subject ``name`` of ``domain``."""
+    user = user.casefold()
+    name, at, upn_domain = user.rpartition("@")
+    return (user, name, upn_domain) if at and name and upn_domain else (user, None, None)
 
 
 def load_directory_file(path: str | Path) -> dict[str, AppDirectory]:
-    """Parse a directory file; raises :class:`DirectoryError` naming the bad entry."""
+    """Parse a directory file; raises :class:`DirectoryError` naming the bad entry. Subjects in a
+    ``subjects_file`` are not read here: they stream when the app's subjects are iterated."""
+    path = Path(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise DirectoryError(f"directory: cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise DirectoryError(f"directory: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    return parse_directory(raw)
+    return parse_directory(raw, base_dir=path.resolve().parent)
 
 
-def parse_directory(raw: Any) -> dict[str, AppDirectory]:
+def parse_directory(raw: Any, *, base_dir: Path | None = None) -> dict[str, AppDirectory]:
     if not isinstance(raw, dict) or not isinstance(raw.get("apps"), dict):
         raise DirectoryError("apps: expected a mapping of app name to its directory")
     unknown = set(raw) - {"apps"}
     if unknown:
         raise DirectoryError(f"{sorted(unknown)[0]}: unknown key")
-    return {str(name): _parse_app(str(name), data) for name, data in raw["apps"].items()}
+    return {str(name): _parse_app(str(name), data, base_dir) for name, data in raw["apps"].items()}
 
 
-def _parse_app(app: str, data: Any) -> AppDirectory:
+def _parse_app(app: str, data: Any, base_dir: Path | None) -> AppDirectory:
     key = f"apps.{app}"
-    data = _mapping(data or {}, key, {"resellers", "principals", "subjects"})
+    data = _mapping(data or {}, key, {"resellers", "principals", "subjects", "subjects_file"})
     resellers: dict[str, str | None] = {}
     for i, r in enumerate(_list(data.get("resellers"), f"{key}.resellers")):
         r = _mapping(r, f"{key}.resellers[{i}]", {"id", "parent"})
@@ -220,30 +256,59 @@ def _parse_app(app: str, data: Any) -> AppDirectory:
                 domain=_opt_str(p.get("domain"), f"{pkey}.domain"),
             )
         )
-    subjects = []
-    fields = {"id", "email", "name", "reseller", "domain", "uuid", "identifiers", "token", "token_sha256", "attributes"}
-    for i, s in enumerate(_list(data.get("subjects"), f"{key}.subjects")):
-        skey = f"{key}.subjects[{i}]"
-        s = _mapping(s, skey, fields)
-        attributes = s.get("attributes") or {}
-        if not isinstance(attributes, dict):
-            raise DirectoryError(f"{skey}.attributes: expected a mapping")
-        subjects.append(
-            Subject(
-                id=_id(s.get("id"), f"{skey}.id"),
-                email=_opt_str(s.get("email"), f"{skey}.email"),
-                name=_opt_str(s.get("name"), f"{skey}.name"),
-                reseller=_opt_id(s.get("reseller"), f"{skey}.reseller"),
-                domain=_opt_str(s.get("domain"), f"{skey}.domain"),
-                uuid=_opt_str(s.get("uuid"), f"{skey}.uuid"),
-                identifiers=tuple(_str(x, f"{skey}.identifiers") for x in _list(s.get("identifiers"), skey)),
-                token_sha256=_credential(s, skey),
-                attributes=attributes,
-            )
-        )
     _unique((p.credential_sha256 for p in principals), f"{key}.principals: two principals share a credential")
-    _unique((s.id for s in subjects), f"{key}.subjects: duplicate id")
-    return AppDirectory(app=app, resellers=resellers, principals=tuple(principals), subjects=tuple(subjects))
+    subjects: Iterable[Subject]
+    if "subjects_file" in data:
+        if "subjects" in data:
+            raise DirectoryError(f"{key}: give subjects or subjects_file, not both")
+        name = Path(_str(data["subjects_file"], f"{key}.subjects_file"))
+        subjects = SubjectsFile(name if name.is_absolute() or base_dir is None else base_dir / name)
+    else:
+        listed = _list(data.get("subjects"), f"{key}.subjects")
+        subjects = tuple(parse_subject(s, f"{key}.subjects[{i}]") for i, s in enumerate(listed))
+        _unique((s.id for s in subjects), f"{key}.subjects: duplicate id")
+    return AppDirectory(app, Actors(resellers, tuple(principals)), subjects)
+
+
+def parse_subject(raw: Any, key: str) -> Subject:
+    """One subject entry (a YAML list item, a JSON line, a SCIM user's fields) with the fields of DESIGN §5."""
+    s = _mapping(raw, key, SUBJECT_FIELDS)
+    attributes = s.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        raise DirectoryError(f"{key}.attributes: expected a mapping")
+    active = s.get("active", True)
+    if not isinstance(active, bool):
+        raise DirectoryError(f"{key}.active: expected true or false")
+    return Subject(
+        id=_id(s.get("id"), f"{key}.id"),
+        email=_opt_str(s.get("email"), f"{key}.email"),
+        name=_opt_str(s.get("name"), f"{key}.name"),
+        reseller=_opt_id(s.get("reseller"), f"{key}.reseller"),
+        domain=_opt_str(s.get("domain"), f"{key}.domain"),
+        uuid=_opt_str(s.get("uuid"), f"{key}.uuid"),
+        identifiers=tuple(_str(x, f"{key}.identifiers") for x in _list(s.get("identifiers"), key)),
+        token_sha256=_credential(s, key),
+        attributes=attributes,
+        active=active,
+        external_id=_opt_str(s.get("external_id"), f"{key}.external_id"),
+    )
+
+
+def source_digest(directory: AppDirectory) -> str:
+    """A digest of what ``directory`` holds (its subjects file read as bytes): a gateway that finds the store
+    already loaded from the same source at start-up does not load it again."""
+    digest = hashlib.sha256(directory.actors.to_json())
+    if isinstance(directory.subjects, SubjectsFile):
+        try:
+            with directory.subjects.path.open("rb") as data:
+                for block in iter(lambda: data.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            raise DirectoryError(f"directory: cannot read {directory.subjects.path}: {exc.strerror}") from None
+    else:
+        for subject in directory.subjects:
+            digest.update(subject.to_json())
+    return digest.hexdigest()
 
 
 def _unique(values: Iterable[str], message: str) -> None:
@@ -254,7 +319,7 @@ def _unique(values: Iterable[str], message: str) -> None:
         seen.add(v)
 
 
-def _mapping(value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+def _mapping(value: Any, key: str, allowed: Iterable[str]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise DirectoryError(f"{key}: expected a mapping")
     for k in value:

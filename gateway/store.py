@@ -2,15 +2,22 @@
 
 Keys (all under ``store.prefix``; ``{...}`` is a Redis Cluster hash tag)::
 
-    grant:{<sha256 of token>}     a live grant, JSON, PX = grant TTL          SET NX PX / GETDEL
-    used:{<sha256 of token>}      tombstone of a redeemed grant (reuse alarm)  SET PX, in the redeem script
-    {directory}:app:<app>         one app's directory, JSON                    SET in MULTI, MGET
-    {directory}:generation        a new random id on every directory load      SET in MULTI, GET
-    audit                         bounded stream of mint/redeem events         XADD MAXLEN ~
-    fail:<kind>:<fingerprint>     failed-credential counters                   INCR + EXPIRE
+    grant:{<sha256 of token>}           a live grant, JSON, PX = grant TTL          SET NX PX / GETDEL
+    used:{<sha256 of token>}            tombstone of a redeemed grant (reuse alarm)  SET PX, in the redeem script
+    {dir:<app>}:current                 the app's directory generation in use        SET (a load's last step), GET
+    {dir:<app>}:<gen>:actors            principals and resellers, JSON, small        SET, GET
+    {dir:<app>}:<gen>:s:<id>            one subject, JSON                            SET, GET / MGET
+    {dir:<app>}:<gen>:ids               every subject id (sorted set, score 0)       ZADD, ZRANGE, ZCARD
+    {dir:<app>}:<gen>:x:<kind>:<value>  ids of the subjects a look-up finds (set)    SADD, SUNION
+    audit                               bounded stream of mint/redeem events         XADD MAXLEN ~
+    fail:<kind>:<fingerprint>           failed-credential counters                   INCR + EXPIRE
 
-A grant and its tombstone share a hash tag, so the redeem script touches one slot; the directory keys
-share another, so a load is one transaction even on a Cluster.
+A grant and its tombstone share a hash tag, so the redeem script touches one slot. All of an app's
+directory keys share the app's tag: a subject and its index entries change together in one transaction,
+and a look-up's index and subjects sit on one node, even on a Cluster. A load writes a new generation
+beside the one in use and switches ``current`` to it last, so a reader sees all of the old directory or
+all of the new; the old generation is dropped a little later (processes follow ``current`` within
+``directory.refresh_seconds``).
 """
 
 from __future__ import annotations
@@ -19,12 +26,13 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
@@ -33,7 +41,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
-from .directory import AppDirectory
+from .directory import Actors, AppDirectory, DirectoryError, Subject
 from .errors import StoreUnavailable
 
 AUDIT_MAXLEN = 100_000
@@ -119,6 +127,28 @@ def connect(url: str, timeout: float) -> AnyRedis:
 
 
 @dataclass(frozen=True)
+class LoadSummary:
+    """What one app's directory load did: subjects added, changed (any field) and removed, and how long it took."""
+
+    app: str
+    generation: str
+    added: int
+    changed: int
+    removed: int
+    subjects: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"{self.app}: {self.subjects} subjects ({self.added} added, {self.changed} changed, "
+                f"{self.removed} removed) in {self.seconds:.1f} s")  # fmt: skip
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+@dataclass(frozen=True)
 class Consumed:
     """What the redeem script found: ``state`` is ``"redeemed"``, ``"reused"`` or ``"unknown"``."""
 
@@ -192,12 +222,20 @@ class Store:
     def tombstone_key(self, token_hash: str) -> str:
         return f"{self.prefix}used:{{{token_hash}}}"
 
-    def directory_key(self, app: str) -> str:
-        return f"{self.prefix}{{directory}}:app:{app}"
+    def current_key(self, app: str) -> str:
+        return f"{self.prefix}{{dir:{app}}}:current"
 
-    @property
-    def generation_key(self) -> str:
-        return f"{self.prefix}{{directory}}:generation"
+    def actors_key(self, app: str, generation: str) -> str:
+        return f"{self.prefix}{{dir:{app}}}:{generation}:actors"
+
+    def subject_key(self, app: str, generation: str, subject_id: str) -> str:
+        return f"{self.prefix}{{dir:{app}}}:{generation}:s:{subject_id}"
+
+    def subject_ids_key(self, app: str, generation: str) -> str:
+        return f"{self.prefix}{{dir:{app}}}:{generation}:ids"
+
+    def index_key(self, app: str, generation: str, kind: str, value: str) -> str:
+        return f"{self.prefix}{{dir:{app}}}:{generation}:x:{kind}:{value}"
 
     @property
     def audit_key(self) -> str:
@@ -284,29 +322,145 @@ class Store:
             results = await asyncio.gather(*counts, *expiries)
         return [int(v) for v in results[: len(names)]]
 
-    # -- directory ----------------------------------------------------------------------------------
-    async def load_directory(self, apps: Mapping[str, AppDirectory]) -> str:
-        """Replace each app's directory in one MULTI/EXEC (a reader sees all of it or none) under a new
-        generation, and return it. Generations are random, not counted: a flushed store that counts
-        again from 1 could otherwise look unchanged to a process that read generation 1 before."""
-        generation = secrets.token_hex(8)
-        async with self._call():
-            pipe = self.redis.pipeline(transaction=True)
-            for name, directory in apps.items():
-                pipe.set(self.directory_key(name), directory.to_json())
-            pipe.set(self.generation_key, generation)
-            await pipe.execute()
-        return generation
-
-    async def generation(self) -> str | None:
-        async with self._call():
-            value: Any = await self.redis.get(self.generation_key)
-        return None if value is None else bytes(value).decode()
-
-    async def read_directory(self, apps: Iterable[str]) -> tuple[str | None, dict[str, AppDirectory]]:
-        """The generation and the directories of ``apps`` that exist, read together in one MGET."""
+    # -- directory: reading ----------------------------------------------------------------------------
+    async def generations(self, apps: Iterable[str]) -> dict[str, str | None]:
+        """Each app's directory generation in use (None: it has no directory), in one round trip."""
         names = list(apps)
         async with self._call():
-            values: list[Any] = await self.redis.mget([self.generation_key, *(self.directory_key(n) for n in names)])
-        generation = None if values[0] is None else bytes(values[0]).decode()
-        return generation, {n: AppDirectory.from_json(v) for n, v in zip(names, values[1:], strict=True) if v}
+            values = await asyncio.gather(*(self._pipeline.submit("GET", self.current_key(n)) for n in names))
+        return {n: None if v is None else bytes(v).decode() for n, v in zip(names, values, strict=True)}
+
+    async def actors(self, app: str, generation: str) -> tuple[Actors, str] | None:
+        """The app's actors in ``generation`` and the digest of the source they were loaded from."""
+        async with self._call():
+            value = await self._pipeline.submit("GET", self.actors_key(app, generation))
+        if value is None:
+            return None
+        raw = orjson.loads(value)
+        return Actors.from_json(orjson.dumps(raw["actors"])), str(raw.get("source", ""))
+
+    async def subject(self, app: str, generation: str, subject_id: str) -> Subject | None:
+        async with self._call():
+            value = await self._pipeline.submit("GET", self.subject_key(app, generation, subject_id))
+        return None if value is None else Subject.from_json(value)
+
+    async def subjects_by(self, app: str, generation: str, lookups: Iterable[tuple[str, str]]) -> list[Subject]:
+        """The subjects that any of ``lookups`` (``(kind, value)``, see :meth:`Subject.index`) finds: two round
+        trips, the index's ids and then their subjects."""
+        keys = [self.index_key(app, generation, kind, value) for kind, value in lookups]
+        async with self._call():
+            ids = await self._pipeline.submit("SUNION", *keys)
+            if not ids:
+                return []
+            values = await self._pipeline.submit("MGET", *(self.subject_key(app, generation, bytes(i).decode())
+                                                            for i in sorted(ids)))  # fmt: skip
+        return [Subject.from_json(v) for v in values if v is not None]
+
+    # -- directory: loading ----------------------------------------------------------------------------
+    async def load_app(
+        self,
+        directory: AppDirectory,
+        *,
+        source: str = "",
+        batch: int = 1000,
+        progress: Callable[[int], object] | None = None,
+    ) -> LoadSummary:
+        """Write ``directory`` as a new generation of its app, in batches (constant memory, each batch one
+        pipeline), then make it the one in use; the previous generation stays for :meth:`drop_generations`.
+
+        A subject absent from ``directory`` is gone once this returns. A load that fails before the end
+        changes nothing in use (its partial generation is dropped by the next load). Raises DirectoryError
+        (a bad or duplicate subject: nothing switched) or StoreUnavailable.
+        """
+        app, started = directory.app, time.monotonic()
+        generation = secrets.token_hex(8)
+        previous = (await self.generations([app]))[app]
+        added = changed = kept = 0
+        pending: list[Subject] = []
+
+        async def flush() -> None:
+            nonlocal added, changed, kept
+            pipe = self.redis.pipeline(transaction=False)
+            for subject in pending:
+                if previous is not None:
+                    pipe.get(self.subject_key(app, previous, subject.id))
+                pipe.zadd(self.subject_ids_key(app, generation), {subject.id: 0})
+                pipe.set(self.subject_key(app, generation, subject.id), subject.to_json())
+                for kind, value in subject.index():
+                    pipe.sadd(self.index_key(app, generation, kind, value), subject.id)
+            async with self._call():
+                replies = iter(await pipe.execute())
+            for subject in pending:
+                old = next(replies) if previous is not None else None
+                if not next(replies):
+                    raise DirectoryError(f"apps.{app}: subject {subject.id!r} is given twice")
+                for _ in range(1 + len(subject.index())):
+                    next(replies)
+                if old is None:
+                    added += 1
+                else:
+                    kept += 1
+                    changed += old != subject.to_json()
+            if progress is not None:
+                progress(len(pending))
+            pending.clear()
+            await asyncio.sleep(0)  # a load inside a serving process lets requests in between batches
+
+        for subject in directory.subjects:
+            pending.append(subject)
+            if len(pending) >= batch:
+                await flush()
+        await flush()
+        actors = orjson.dumps({"actors": orjson.loads(directory.actors.to_json()), "source": source})
+        async with self._call():
+            before = await self.redis.zcard(self.subject_ids_key(app, previous)) if previous is not None else 0
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(self.actors_key(app, generation), actors)
+            pipe.set(self.current_key(app), generation)
+            await pipe.execute()
+        return LoadSummary(app, generation, added, changed, int(before) - kept, added + kept,
+                           time.monotonic() - started)  # fmt: skip
+
+    async def drop_generations(self, app: str) -> int:
+        """Delete every generation of the app's directory but the one in use (old ones, and what loads that
+        died midway left); returns how many keys went."""
+        current = (await self.generations([app]))[app]
+        tag = f"{self.prefix}{{dir:{app}}}:"
+        keep = (f"{tag}current".encode(), f"{tag}{current}:".encode())
+        dropped = 0
+        doomed: list[bytes] = []
+        async for key in self._scan_app(app, _glob_escape(tag) + "*"):
+            if key == keep[0] or (current is not None and key.startswith(keep[1])):
+                continue
+            doomed.append(key)
+            if len(doomed) >= 1000:
+                dropped += await self._unlink(doomed)
+        return dropped + await self._unlink(doomed)
+
+    async def load_directory(self, apps: Mapping[str, AppDirectory]) -> dict[str, LoadSummary]:
+        """Load each app (:meth:`load_app`) and drop its older generations at once: for tests and set-up,
+        where no process is reading the directory yet."""
+        summaries = {}
+        for name, directory in apps.items():
+            summaries[name] = await self.load_app(directory)
+            await self.drop_generations(name)
+        return summaries
+
+    async def _scan_app(self, app: str, match: str) -> AsyncIterator[bytes]:
+        """The keys matching ``match`` on the node that holds the app's directory (on a Cluster, its slot's)."""
+        redis: Any = self.redis
+        if isinstance(redis, RedisCluster):
+            node = redis.get_node_from_key(self.current_key(app))
+            async for key in redis.scan_iter(match=match, count=1000, target_nodes=node):
+                yield key
+        else:
+            async for key in redis.scan_iter(match=match, count=1000):
+                yield key
+
+    async def _unlink(self, keys: list[bytes]) -> int:
+        if not keys:
+            return 0
+        async with self._call():
+            removed = int(await self.redis.unlink(*keys))
+        keys.clear()
+        return removed

@@ -14,8 +14,9 @@ import redis.asyncio as aioredis
 import yaml
 
 from gateway.cli import main
+from gateway.store import Store
 from tests import processes
-from tests.conftest import RedisServer, free_port
+from tests.conftest import DIRECTORY, RedisServer, free_port
 
 ROOT = Path(__file__).parent.parent
 
@@ -72,24 +73,50 @@ def test_python_dash_m_gateway_is_the_same_cli() -> None:
 
 
 async def test_directory_load(tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """A load prints what it did per app; a second load from JSON Lines replaces the subjects: a subject absent
+    from it is gone, and the first load's generation is dropped after the grace period."""
     config = write_config(tmp_path, redis_server.url, free_port())
-    assert (
-        await asyncio.to_thread(main, ["directory", "load", str(tmp_path / "directory.yaml"), "--config", str(config)])
-        == 0
-    )
-    assert "control-panel (4 principals, 4 subjects)" in capsys.readouterr().out
-    redis = aioredis.Redis.from_url(redis_server.url)
-    prefix = yaml.safe_load(config.read_text())["store"]["prefix"]
-    assert await redis.exists(f"{prefix}{{directory}}:app:control-panel") == 1
-    await redis.aclose()
+    raw = yaml.safe_load(config.read_text())
+    raw["directory"]["refresh_seconds"] = 0.1  # the grace period before the old generation goes: 1.2 s
+    config.write_text(yaml.safe_dump(raw))
+    prefix = raw["store"]["prefix"]
+
+    def load(path: Path) -> int:
+        return main(["directory", "load", str(path), "--config", str(config)])
+
+    assert await asyncio.to_thread(load, tmp_path / "directory.yaml") == 0
+    assert capsys.readouterr().out == "loaded control-panel: 4 subjects (4 added, 0 changed, 0 removed) in 0.0 s\n"
+    store = Store(aioredis.Redis.from_url(redis_server.url), prefix)
+    first = (await store.generations(["control-panel"]))["control-panel"]
+    assert first is not None and (await store.subject("control-panel", first, "909")) is not None
+    subjects = DIRECTORY["apps"]["control-panel"]["subjects"]
+    changed = [{**subjects[0], "email": "changed@example.com"}, *subjects[1:3]]  # 909 removed, 505 changed
+    (tmp_path / "subjects.jsonl").write_text("".join(json.dumps(s) + "\n\n" for s in changed))
+    second = tmp_path / "second.yaml"
+    app = {k: v for k, v in DIRECTORY["apps"]["control-panel"].items() if k != "subjects"}
+    second.write_text(yaml.safe_dump({"apps": {"control-panel": {**app, "subjects_file": "subjects.jsonl"}}}))
+    assert await asyncio.to_thread(load, second) == 0
+    assert capsys.readouterr().out == "loaded control-panel: 3 subjects (0 added, 1 changed, 1 removed) in 0.0 s\n"
+    now = (await store.generations(["control-panel"]))["control-panel"]
+    assert now not in (None, first)
+    assert await store.subject("control-panel", now, "909") is None
+    assert (await store.subject("control-panel", now, "505")).email == "changed@example.com"  # type: ignore[union-attr]
+    assert [k async for k in store.redis.scan_iter(match=f"{prefix}{{dir:control-panel}}:{first}:*")] == []
+    await store.close()
     unknown = tmp_path / "other.yaml"
     unknown.write_text(yaml.safe_dump({"apps": {"nope": {}}}))
-    assert await asyncio.to_thread(main, ["directory", "load", str(unknown), "--config", str(config)]) == 2
+    assert await asyncio.to_thread(load, unknown) == 2
     assert "apps.nope is not an app of the config" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"apps": {"control-panel": {"principals": [{"id": "x", "role": "admin"}]}}}))
-    assert await asyncio.to_thread(main, ["directory", "load", str(bad), "--config", str(config)]) == 2
+    assert await asyncio.to_thread(load, bad) == 2
     assert "apps.control-panel.principals[0]: needs token or token_sha256" in capsys.readouterr().err
+    (tmp_path / "subjects.jsonl").write_text('{"id": "1"}\n{"id": "2", "colour": "red"}\n')
+    assert await asyncio.to_thread(load, second) == 2
+    assert "subjects.jsonl:2.colour: unknown key" in capsys.readouterr().err
+    store = Store(aioredis.Redis.from_url(redis_server.url), prefix)
+    assert await store.generations(["control-panel"]) == {"control-panel": now}  # a failed load changes nothing
+    await store.close()
 
 
 def test_directory_load_needs_a_shared_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

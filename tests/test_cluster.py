@@ -71,17 +71,21 @@ def hashes_on_distinct_nodes(store: Store, count: int) -> list[str]:
 async def test_every_store_operation_on_a_cluster(store: Store, cluster: Cluster) -> None:
     assert await store.ping()  # /readyz: every master answers
 
-    # Start-up directory load: one MULTI/EXEC on the master of the {directory} slot.
-    directory_node = node_of(store, store.generation_key)
-    assert node_of(store, store.directory_key("control-panel")) == directory_node
+    # Directory load: every key of an app on the master of its slot, switched to in one MULTI/EXEC there.
+    directory_node = node_of(store, store.current_key("control-panel"))
+    assert node_of(store, store.subject_key("control-panel", "g", "505")) == directory_node
+    assert node_of(store, store.index_key("control-panel", "g", "email", "a@b.c")) == directory_node
     before = await commands_run(store, directory_node, "multi", "exec")
-    generation = await store.load_directory(parse_directory(DIRECTORY))
+    summary = (await store.load_directory(parse_directory(DIRECTORY)))["control-panel"]
     after = await commands_run(store, directory_node, "multi", "exec")
     assert {name: after[name] - before[name] for name in after} == {"multi": 1, "exec": 1}
-    assert await store.generation() == generation
-    read_generation, apps = await store.read_directory(["control-panel", "absent"])
-    assert read_generation == generation and list(apps) == ["control-panel"]
-    assert apps["control-panel"].principal_by_id("mgr-1") is not None
+    assert await store.generations(["control-panel", "absent"]) == {"control-panel": summary.generation, "absent": None}
+    found = await store.actors("control-panel", summary.generation)
+    assert found is not None and found[0].principal_by_id("mgr-1") is not None
+    subjects = await store.subjects_by(
+        "control-panel", summary.generation, [("id", "505"), ("email", "owner707@example.com")]
+    )
+    assert sorted(s.id for s in subjects) == ["505", "707"]  # SUNION and MGET within the app's slot
 
     # Mint: two grants on two different masters and the audit entry, in one pipeline across slots.
     first, second = hashes_on_distinct_nodes(store, 2)
@@ -134,7 +138,7 @@ async def test_two_gateways_on_a_cluster_redeem_each_grant_exactly_once(
     with processes.running(*procs):
         for url, proc in zip(urls, procs, strict=True):
             await processes.wait_ready(url, proc)  # /readyz pings every master
-        assert await store.generation() is not None  # each loaded the directory file at start-up
+        assert (await store.generations(["control-panel"]))["control-panel"] is not None  # loaded at start-up
         async with aiohttp.ClientSession() as session:
 
             async def mint(url: str) -> str:
