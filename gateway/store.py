@@ -61,6 +61,33 @@ return {0, false}
 """
 _REDEEM_SHA = hashlib.sha1(_REDEEM.encode()).hexdigest()
 
+# Write a batch of subjects into a new generation (ARGV[1]: its key prefix) and count, against the previous one
+# (ARGV[2], "" when none), the added, changed and kept; ARGV then holds, per subject, its id, JSON, and the number
+# of its index entries followed by each entry's kind and value. Every key is in the app's slot (KEYS[1]'s).
+_LOAD = """
+local new, old = ARGV[1], ARGV[2]
+local added, changed, kept = 0, 0, 0
+local i = 3
+while i <= #ARGV do
+  local id, json, entries = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  if redis.call('ZADD', new .. 'ids', 0, id) == 0 then return {-1, id} end
+  redis.call('SET', new .. 's:' .. id, json)
+  for j = i + 3, i + 1 + 2 * entries, 2 do
+    redis.call('SADD', new .. 'x:' .. ARGV[j] .. ':' .. ARGV[j + 1], id)
+  end
+  i = i + 3 + 2 * entries
+  local before = old ~= '' and redis.call('GET', old .. 's:' .. id)
+  if before then
+    kept = kept + 1
+    if before ~= json then changed = changed + 1 end
+  else
+    added = added + 1
+  end
+end
+return {added, changed, kept}
+"""
+_LOAD_SHA = hashlib.sha1(_LOAD.encode()).hexdigest()
+
 AnyRedis = aioredis.Redis | RedisCluster
 
 
@@ -225,17 +252,22 @@ class Store:
     def current_key(self, app: str) -> str:
         return f"{self.prefix}{{dir:{app}}}:current"
 
+    def generation_prefix(self, app: str, generation: str) -> str:
+        """What every key of one generation of an app's directory starts with (the load script builds its keys
+        from it the same way as the methods below)."""
+        return f"{self.prefix}{{dir:{app}}}:{generation}:"
+
     def actors_key(self, app: str, generation: str) -> str:
-        return f"{self.prefix}{{dir:{app}}}:{generation}:actors"
+        return self.generation_prefix(app, generation) + "actors"
 
     def subject_key(self, app: str, generation: str, subject_id: str) -> str:
-        return f"{self.prefix}{{dir:{app}}}:{generation}:s:{subject_id}"
+        return self.generation_prefix(app, generation) + "s:" + subject_id
 
     def subject_ids_key(self, app: str, generation: str) -> str:
-        return f"{self.prefix}{{dir:{app}}}:{generation}:ids"
+        return self.generation_prefix(app, generation) + "ids"
 
     def index_key(self, app: str, generation: str, kind: str, value: str) -> str:
-        return f"{self.prefix}{{dir:{app}}}:{generation}:x:{kind}:{value}"
+        return self.generation_prefix(app, generation) + f"x:{kind}:{value}"
 
     @property
     def audit_key(self) -> str:
@@ -375,32 +407,29 @@ class Store:
         app, started = directory.app, time.monotonic()
         generation = secrets.token_hex(8)
         previous = (await self.generations([app]))[app]
+        new_prefix = self.generation_prefix(app, generation)
+        old_prefix = "" if previous is None else self.generation_prefix(app, previous)
         added = changed = kept = 0
         pending: list[Subject] = []
 
         async def flush() -> None:
+            # One script per batch writes its subjects and their index entries and compares them with the
+            # previous generation's: a million subjects are a thousand commands, not five million.
             nonlocal added, changed, kept
-            pipe = self.redis.pipeline(transaction=False)
+            args: list[str | bytes] = [new_prefix, old_prefix]
             for subject in pending:
-                if previous is not None:
-                    pipe.get(self.subject_key(app, previous, subject.id))
-                pipe.zadd(self.subject_ids_key(app, generation), {subject.id: 0})
-                pipe.set(self.subject_key(app, generation, subject.id), subject.to_json())
-                for kind, value in subject.index():
-                    pipe.sadd(self.index_key(app, generation, kind, value), subject.id)
+                index = subject.index()
+                args += [subject.id, subject.to_json(), str(len(index))]
+                for kind, value in index:
+                    args += [kind, value]
             async with self._call():
-                replies = iter(await pipe.execute())
-            for subject in pending:
-                old = next(replies) if previous is not None else None
-                if not next(replies):
-                    raise DirectoryError(f"apps.{app}: subject {subject.id!r} is given twice")
-                for _ in range(1 + len(subject.index())):
-                    next(replies)
-                if old is None:
-                    added += 1
-                else:
-                    kept += 1
-                    changed += old != subject.to_json()
+                try:
+                    result = await self.redis.evalsha(_LOAD_SHA, 1, self.current_key(app), *args)
+                except NoScriptError:
+                    result = await self.redis.eval(_LOAD, 1, self.current_key(app), *args)
+            if int(result[0]) < 0:
+                raise DirectoryError(f"apps.{app}: subject {bytes(result[1]).decode()!r} is given twice")
+            added, changed, kept = added + int(result[0]), changed + int(result[1]), kept + int(result[2])
             if progress is not None:
                 progress(len(pending))
             pending.clear()
