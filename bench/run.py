@@ -296,6 +296,7 @@ def write_config(tmp: Path, redis_url: str, upstream_url: str, grant_ttl: int) -
     key = tmp / "assertion.pem"
     processes.run([PYTHON, "-m", "gateway", "keys", "generate", str(key)], cwd=ROOT)
     raw["store"] = {**(raw.get("store") or {}), "url": redis_url}
+    raw["admin"] = {"port": None}
     raw["assertion"] = {**(raw.get("assertion") or {}), "private_key_file": str(key)}
     directory = raw.get("directory") or {}
     if directory.get("file"):

@@ -24,6 +24,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import body as bodies
+from .admin import create_admin_app
 from .assertion import Signer, load_key
 from .config import Config
 from .core import Gateway
@@ -49,10 +50,15 @@ OPENAPI = web.AppKey("openapi", bytes)  # gateway/openapi.yaml as JSON
 
 
 def create_app(
-    config: Config, *, redis: AnyRedis | None = None, key: Ed25519PrivateKey | None = None
+    config: Config,
+    *,
+    redis: AnyRedis | None = None,
+    key: Ed25519PrivateKey | None = None,
+    admin_reuse_port: bool = False,
 ) -> web.Application:
     """Build the gateway application. ``redis`` replaces the client ``store.url`` would open (tests pass a
-    fakeredis); ``key`` replaces ``assertion.private_key_file``."""
+    fakeredis); ``key`` replaces ``assertion.private_key_file``. When it starts, it also starts the admin
+    listener (``admin.port``; ``admin_reuse_port`` lets several worker processes share it)."""
     # Bodies are never decoded by the server: a pass-through body reaches the app byte for byte, and the
     # gateway decodes (bounded) only the bodies it reads itself.
     app = web.Application(client_max_size=config.server.body_limit_bytes, handler_args={"auto_decompress": False})
@@ -70,6 +76,7 @@ def create_app(
     app[OPENAPI] = openapi_document()
     app.cleanup_ctx.append(_store_ctx(redis))
     app.cleanup_ctx.append(_proxy_ctx)
+    app.cleanup_ctx.append(_admin_ctx(admin_reuse_port))
     app.cleanup_ctx.append(_log_flush_ctx)
     app.router.add_route("*", r"/{tail:[\s\S]*}", handle)  # any path, newlines included
     return app
@@ -119,6 +126,22 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REDEEMER] = Redeemer(app[CONFIG], app[GATEWAY], proxy, app[DIALECTS])
     yield
     await proxy.close()
+
+
+def _admin_ctx(reuse_port: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        admin = app[CONFIG].admin
+        if admin.port is None:
+            yield
+            return
+        runner = web.AppRunner(create_admin_app(app[CONFIG], app[GATEWAY]), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, admin.host, admin.port, reuse_port=reuse_port or None).start()
+        log.info("admin_listening", host=admin.host, port=admin.port, tokens=len(admin.tokens))
+        yield
+        await runner.cleanup()
+
+    return ctx
 
 
 async def _log_flush_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -154,7 +154,7 @@ def run_worker(config: Config, host: str, port: int, reuse_port: bool, dev: bool
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
         pass
     web.run_app(
-        create_app(config),
+        create_app(config, admin_reuse_port=reuse_port),
         host=host,
         port=port,
         reuse_port=reuse_port or None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import ipaddress
 import os
 import re
@@ -75,6 +76,28 @@ class RateLimitConfig:
     window_seconds: int = 60
 
 
+ADMIN_SCOPES = ("scim", "revoke")
+
+
+@dataclass(frozen=True)
+class AdminToken:
+    """A bearer token of the admin listener; only its SHA-256 is kept once the config is loaded."""
+
+    id: str
+    scopes: tuple[str, ...] = ()
+    token: str | None = None
+    token_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin listener (SCIM provisioning, revocation): its own address, bearer tokens with scopes."""
+
+    host: str = "127.0.0.1"
+    port: int | None = 8081  # None: no admin listener
+    tokens: tuple[AdminToken, ...] = ()
+
+
 @dataclass(frozen=True)
 class AppConfig:
     name: str
@@ -101,6 +124,7 @@ class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     assertion: AssertionConfig = field(default_factory=AssertionConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     apps: tuple[AppConfig, ...] = ()
 
     def app(self, name: str) -> AppConfig:
@@ -159,10 +183,36 @@ def config_from_dict(raw: Any, *, base_dir: Path | None = None, env: Mapping[str
             raise ConfigError(f"apps.{name}: expected a mapping")
         apps.append(_build(AppConfig, {**settings, "name": str(name)}, f"apps.{name}."))
     config: Config = dataclasses.replace(base, apps=tuple(apps))
+    config = dataclasses.replace(config, admin=_hash_admin_tokens(config.admin))
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)
     _validate(config)
     return config
+
+
+def _hash_admin_tokens(admin: AdminConfig) -> AdminConfig:
+    """Each admin token with its SHA-256 only (a plain ``token`` is for development, like the directory's)."""
+    hashed = []
+    for i, entry in enumerate(admin.tokens):
+        key = f"admin.tokens[{i}]"
+        if (entry.token is None) == (entry.token_sha256 is None):
+            raise ConfigError(f"{key}: give token or token_sha256 (one of them)")
+        if entry.token is not None:
+            if not entry.token:
+                raise ConfigError(f"{key}.token: must not be empty")
+            digest = hashlib.sha256(entry.token.encode()).hexdigest()
+        else:
+            digest = (entry.token_sha256 or "").lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ConfigError(f"{key}.token_sha256: expected 64 hex digits")
+        for scope in entry.scopes:
+            if scope not in ADMIN_SCOPES:
+                raise ConfigError(f"{key}.scopes: expected some of {', '.join(ADMIN_SCOPES)}, got {scope!r}")
+        hashed.append(AdminToken(entry.id, entry.scopes, None, digest))
+    _unique_ids = {t.id for t in hashed}
+    if len(_unique_ids) != len(hashed):
+        raise ConfigError("admin.tokens: two tokens share an id")
+    return dataclasses.replace(admin, tokens=tuple(hashed))
 
 
 def _env_int(var: str, value: str) -> int:
@@ -272,6 +322,8 @@ def _validate(config: Config) -> None:
     _positive("server.body_timeout_seconds", s.body_timeout_seconds)
     _positive("server.upstream_connections", s.upstream_connections)
     _positive("server.drain_seconds", s.drain_seconds)
+    if config.admin.port is not None and not 0 <= config.admin.port <= 65535:
+        raise ConfigError(f"admin.port: expected 0-65535 or null, got {config.admin.port}")
     url = config.store.url
     schemes = ("redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
     if url != "embedded" and urlsplit(url).scheme not in schemes:

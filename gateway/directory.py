@@ -64,6 +64,7 @@ class Subject:
     attributes: Mapping[str, Any] = field(default_factory=dict)
     active: bool = True
     external_id: str | None = None
+    scim: Mapping[str, Any] | None = None  # the SCIM User it was last written as, if it was (round-tripped as is)
 
     def public(self) -> dict[str, Any]:
         """The subject's public attributes: never a credential, hash or anything named like one."""
@@ -91,8 +92,11 @@ class Subject:
         """The look-ups that find this subject, as ``(kind, value)``: ``id`` and ``email`` (casefolded, and
         shared: several subjects may answer one), ``identifier``, ``token`` and ``external`` (unique)."""
         entries = [("id", self.id.casefold())]
-        if self.email:
-            entries.append(("email", self.email.casefold()))
+        emails = {self.email.casefold()} if self.email else set()
+        for entry in (self.scim or {}).get("emails") or ():  # a SCIM user is found by any of its e-mails
+            if isinstance(entry, dict) and isinstance(entry.get("value"), str):
+                emails.add(entry["value"].casefold())
+        entries.extend(("email", e) for e in sorted(emails))
         entries.extend(("identifier", i) for i in self.identifiers)
         if self.token_sha256:
             entries.append(("token", self.token_sha256))

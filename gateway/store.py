@@ -88,6 +88,32 @@ return {added, changed, kept}
 """
 _LOAD_SHA = hashlib.sha1(_LOAD.encode()).hexdigest()
 
+# Replace one subject (KEYS[1]) and its index entries, if it still is what the caller read (ARGV[3], "" for none):
+# ARGV[1] the generation's prefix, ARGV[2] the id, ARGV[4] the new JSON ("" deletes), then the count and the
+# kind/value pairs of the entries to remove, then those to add. 1 done, 0 changed meanwhile (read it again).
+_PUT_SUBJECT = """
+local current = redis.call('GET', KEYS[1])
+if (current or '') ~= ARGV[3] then return 0 end
+local prefix, id = ARGV[1], ARGV[2]
+local removed = tonumber(ARGV[5])
+for j = 6, 5 + 2 * removed, 2 do
+  redis.call('SREM', prefix .. 'x:' .. ARGV[j] .. ':' .. ARGV[j + 1], id)
+end
+if ARGV[4] == '' then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', prefix .. 'ids', id)
+  return 1
+end
+redis.call('SET', KEYS[1], ARGV[4])
+redis.call('ZADD', prefix .. 'ids', 0, id)
+local at = 6 + 2 * removed
+for j = at + 1, at + 2 * tonumber(ARGV[at]), 2 do
+  redis.call('SADD', prefix .. 'x:' .. ARGV[j] .. ':' .. ARGV[j + 1], id)
+end
+return 1
+"""
+_PUT_SUBJECT_SHA = hashlib.sha1(_PUT_SUBJECT.encode()).hexdigest()
+
 AnyRedis = aioredis.Redis | RedisCluster
 
 
@@ -387,6 +413,49 @@ class Store:
             values = await self._pipeline.submit("MGET", *(self.subject_key(app, generation, bytes(i).decode())
                                                             for i in sorted(ids)))  # fmt: skip
         return [Subject.from_json(v) for v in values if v is not None]
+
+    async def subject_page(self, app: str, generation: str, start: int, count: int) -> tuple[int, list[Subject]]:
+        """How many subjects the app has, and ``count`` of them from the ``start``-th (0-based), ordered by id."""
+        key = self.subject_ids_key(app, generation)
+        async with self._call():
+            total = self._pipeline.submit("ZCARD", key)
+            ids = await self._pipeline.submit("ZRANGE", key, start, start + count - 1) if count > 0 else []
+            names = (self.subject_key(app, generation, bytes(i).decode()) for i in ids)
+            values = await self._pipeline.submit("MGET", *names) if ids else []
+            total = await total
+        return int(total), [Subject.from_json(v) for v in values if v is not None]
+
+    async def start_generation(self, app: str) -> str:
+        """The app's generation in use, starting an empty one if it has none (its first subject comes by SCIM)."""
+        generation = secrets.token_hex(8)
+        actors = orjson.dumps({"actors": orjson.loads(Actors().to_json()), "source": ""})
+        async with self._call():
+            await self.redis.set(self.actors_key(app, generation), actors)
+            if await self.redis.set(self.current_key(app), generation, nx=True):
+                return generation
+        found = (await self.generations([app]))[app]  # another writer started one first
+        assert found is not None
+        return found
+
+    # -- directory: one subject at a time ---------------------------------------------------------------
+    async def put_subject(self, app: str, generation: str, was: Subject | None, subject: Subject | None) -> bool:
+        """Make the subject ``was`` (None: absent) into ``subject`` (None: delete it), with its index entries, in
+        one atomic step; False when it was no longer ``was`` (another writer came first: read it again)."""
+        subject_id = (subject or was).id  # type: ignore[union-attr]
+        removed = was.index() if was is not None else []
+        added = subject.index() if subject is not None else []
+        args: list[str | bytes] = [
+            self.generation_prefix(app, generation), subject_id, was.to_json() if was else b"",
+            subject.to_json() if subject else b"", str(len(removed)), *(x for entry in removed for x in entry),
+            str(len(added)), *(x for entry in added for x in entry),
+        ]  # fmt: skip
+        key = self.subject_key(app, generation, subject_id)
+        async with self._call():
+            try:
+                done = await self.redis.evalsha(_PUT_SUBJECT_SHA, 1, key, *args)
+            except NoScriptError:
+                done = await self.redis.eval(_PUT_SUBJECT, 1, key, *args)
+        return bool(done)
 
     # -- directory: loading ----------------------------------------------------------------------------
     async def load_app(

@@ -183,6 +183,7 @@ def make_config(prefix: str, upstream_url: str, apps: dict[str, Any] | None = No
     raw: dict[str, Any] = {
         "server": {"public_url": PUBLIC_URL, **sections.pop("server", {})},
         "store": {"url": "embedded", "prefix": prefix, **sections.pop("store", {})},
+        "admin": {"port": None, **sections.pop("admin", {})},
         "apps": {name: {**settings, "upstream": upstream_url} for name, settings in apps.items()},
         **sections,
     }

@@ -27,6 +27,7 @@ def write_config(tmp: Path, store_url: str, port: int, *, apps: dict[str, Any], 
         "server": {"port": port, "public_url": f"http://127.0.0.1:{port}"},
         "store": {"url": store_url, "prefix": prefix or f"p{port}:"},
         "directory": {"file": "directory.yaml"},
+        "admin": {"port": None},
         "apps": apps,
         **extra,
     }
