@@ -266,7 +266,6 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             continue
         endpoint, params = matched
         request[KIND] = endpoint.kind
-        bind_request(request)
         view = HttpRequest(request.method, path, request.query, request.headers, client=client,
                            endpoint=endpoint, params=params)  # fmt: skip
         try:
@@ -274,16 +273,18 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
                 return dialect.info(view, app, config.public_url_of(app))
             server = config.server
             if request.method in ("GET", "HEAD"):  # nothing is taken from the body: it is only bounded
-                await bodies.read_raw(request, server.body_limit_bytes, server.body_timeout_seconds)
+                if request.body_exists:
+                    await bodies.read_raw(request, server.body_limit_bytes, server.body_timeout_seconds)
             else:
                 _, decoded = await bodies.read(request, server.body_limit_bytes, server.body_timeout_seconds)
                 view = replace(view, body=decoded)
             command = dialect.parse(view, app)
-            result = await request.app[GATEWAY].mint(command)
+            result = await request.app[GATEWAY].mint(command, request[REQUEST_ID])
             return dialect.render(result, app, config.public_url_of(app))
         except GatewayError as exc:
             return dialect.error_response(exc)
         except Exception:
+            bind_request(request)
             log.exception("unhandled_error", app=app.name, dialect=app.dialect)
             return dialect.render_error(GatewayError())
     return await request.app[REDEEMER].handle(request, target, route, client)

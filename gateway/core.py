@@ -34,6 +34,7 @@ from .directory import (
     source_digest,
 )
 from .errors import Forbidden, GrantRefused, Invalid, NotFound, RateLimited, StoreUnavailable, Unauthenticated
+from .logging import log_event
 from .metrics import Metrics
 from .store import Store
 
@@ -264,24 +265,24 @@ class Gateway:
         self._blocked: dict[str, float] = {}  # failure key -> monotonic time its block ends
 
     # -- minting ------------------------------------------------------------------------------------
-    async def mint(self, cmd: ImpersonationCommand) -> MintResult:
+    async def mint(self, cmd: ImpersonationCommand, request_id: str = "") -> MintResult:
         """Authenticate, authorise and store a grant (plus one per extra scope) in one round trip.
 
         Raises Unauthenticated, Forbidden, NotFound, Invalid, RateLimited or StoreUnavailable.
         """
         app = self.config.app(cmd.app)
         try:
-            principal, subject = await self._authorise(app, cmd)
+            principal, subject = await self._authorise(app, cmd, request_id)
         except (Unauthenticated, Forbidden, NotFound, Invalid) as exc:
             self.metrics.refused.labels(app.name, app.dialect, type(exc).__name__.lower()).inc()
-            log.info("mint_refused", audit=True, app=app.name, dialect=app.dialect, client=cmd.client,
-                     error=type(exc).__name__, reason=_reason(exc))  # fmt: skip
+            log_event("mint_refused", {"audit": True, "app": app.name, "dialect": app.dialect, "client": cmd.client,
+                                       "error": type(exc).__name__, "reason": _reason(exc),
+                                       **_request(request_id)})  # fmt: skip
             raise
         now = int(time.time())
         token, grant = self._new_grant(app, cmd, principal, subject, now, scope=None)
         extra = {scope: self._new_grant(app, cmd, principal, subject, now, scope=scope) for scope in cmd.extra_scopes}
         event = {
-            "event": "grant_minted",
             "grant_id": grant.id,
             "app": app.name,
             "dialect": app.dialect,
@@ -291,10 +292,12 @@ class Gateway:
         }
         ttl_ms = app.grant_ttl_seconds * 1000
         await self.store.put_grants(
-            [(credential_hash(t), g.to_json(), ttl_ms) for t, g in [(token, grant), *extra.values()]], event
+            [(credential_hash(t), g.to_json(), ttl_ms) for t, g in [(token, grant), *extra.values()]],
+            {"event": "grant_minted", **event},
         )
-        self.metrics.minted.labels(app.name, app.dialect).inc(1 + len(extra))
-        log.info(audit=True, role=principal.role, expires_at=grant.expires_at, **event)
+        self.metrics.count_minted(app.name, app.dialect, 1 + len(extra))
+        log_event("grant_minted", {"audit": True, "role": principal.role, "expires_at": grant.expires_at, **event,
+                                   **_request(request_id)})  # fmt: skip
         return MintResult(token=token, grant=grant, subject=subject, extra=extra)
 
     def _new_grant(
@@ -320,14 +323,14 @@ class Gateway:
         )
         return base64.urlsafe_b64encode(random[:TOKEN_BYTES]).decode(), grant
 
-    async def _authorise(self, app: AppConfig, cmd: ImpersonationCommand) -> tuple[Principal, Subject]:
+    async def _authorise(self, app: AppConfig, cmd: ImpersonationCommand, request_id: str) -> tuple[Principal, Subject]:
         if cmd.credential is None:
             raise Unauthenticated("missing", cmd.credential_name)
         self._check_blocked(cmd)
         actors = self.directory.actors(app.name)
         principal = actors.principal(credential_hash(cmd.credential))
         if principal is None:
-            await self._record_failure(cmd)
+            await self._record_failure(cmd, request_id)
             raise Unauthenticated("unknown", cmd.credential_name)
         if principal.role not in app.roles_allowed_to_mint:
             raise Forbidden("role")
@@ -404,7 +407,7 @@ class Gateway:
                     raise RateLimited(max(1, int(until - now + 0.999)))
                 del self._blocked[f"{kind}:{value}"]
 
-    async def _record_failure(self, cmd: ImpersonationCommand) -> None:
+    async def _record_failure(self, cmd: ImpersonationCommand, request_id: str) -> None:
         """Count a failed credential in Redis (shared by every process); over the limit, block locally.
 
         Only failures cost a round trip: the counters are shared, so each process learns of a block at
@@ -416,10 +419,11 @@ class Gateway:
         for (kind, value), count in zip(keys, counts, strict=True):
             if count >= limits.failures:
                 self._blocked[f"{kind}:{value}"] = time.monotonic() + limits.window_seconds
-                log.warning("credential_rate_limited", audit=True, kind=kind, client=cmd.client, app=cmd.app)
+                log.warning("credential_rate_limited", audit=True, kind=kind, client=cmd.client, app=cmd.app,
+                            **_request(request_id))  # fmt: skip
 
     # -- redemption ---------------------------------------------------------------------------------
-    async def redeem(self, offers: Sequence[Offer], client: str) -> Redemption | None:
+    async def redeem(self, offers: Sequence[Offer], client: str, request_id: str = "") -> Redemption | None:
         """Consume every token offered (one atomic script each, sharing a round trip) and sign an assertion for
         the one grant among them.
 
@@ -434,42 +438,45 @@ class Gateway:
         for token, found in zip(tokens, consumed, strict=True):
             if found.grant is None:
                 if not all(o.passive for o in offers if o.token == token):
-                    self._refuse(first, "unknown", client)
+                    self._refuse(first, "unknown", client, request_id=request_id)
                 continue
             grant = Grant.from_json(found.grant)
             if found.state == "reused":
                 self.metrics.reused.labels(grant.app).inc()
                 log.warning("grant_reused", audit=True, grant_id=grant.id, app=grant.app, actor=grant.actor,
-                            subject=grant.subject, dialect=grant.dialect, client=client)  # fmt: skip
-                self._refuse(first, "reused", client, grant)
+                            subject=grant.subject, dialect=grant.dialect, client=client,
+                            **_request(request_id))  # fmt: skip
+                self._refuse(first, "reused", client, grant, request_id)
             grants.append((token, grant))
         if not grants:
             return None
         if len(grants) > 1:
             for _, grant in grants[1:]:
-                log.info("grant_refused", audit=True, app=grant.app, dialect=grant.dialect, reason="several",
-                         client=client, grant_id=grant.id, actor=grant.actor, subject=grant.subject)  # fmt: skip
-            self._refuse(first, "several", client, grants[0][1])
+                log_event("grant_refused", {"audit": True, "app": grant.app, "dialect": grant.dialect,
+                                            "reason": "several", "client": client, "grant_id": grant.id,
+                                            "actor": grant.actor, "subject": grant.subject,
+                                            **_request(request_id)})  # fmt: skip
+            self._refuse(first, "several", client, grants[0][1], request_id)
         token, grant = grants[0]
         offer = next((o for o in offers if o.token == token and o.app == grant.app), None)
         app = self.config.app(grant.app) if offer is not None else first
         if offer is None or app.dialect != grant.dialect:
-            self._refuse(app, "wrong_app", client, grant)
+            self._refuse(app, "wrong_app", client, grant, request_id)
         if dict(offer.bound) != dict(grant.bound):
-            self._refuse(app, "mismatch", client, grant)
+            self._refuse(app, "mismatch", client, grant, request_id)
         now = int(time.time())
         if grant.expires_at < now:
-            self._refuse(app, "expired", client, grant)
+            self._refuse(app, "expired", client, grant, request_id)
         principal = self.directory.actors(app.name).principal_by_id(grant.actor)
         if (
             principal is None
             or principal.credential_sha256[:16] != grant.actor_key
             or principal.role not in app.roles_allowed_to_mint
         ):
-            self._refuse(app, "revoked", client, grant)
+            self._refuse(app, "revoked", client, grant, request_id)
         subject = await self.directory.subject(app.name, grant.subject)
         if subject is None or not subject.active:  # removed, or deactivated, since the grant was minted
-            self._refuse(app, "revoked", client, grant)
+            self._refuse(app, "revoked", client, grant, request_id)
         claims: dict[str, Any] = {
             "aud": app.name,
             "sub": grant.subject,
@@ -481,11 +488,11 @@ class Gateway:
             if value is not None:
                 claims[key] = value
         assertion = self.signer.sign(claims, now)
-        event = {"event": "grant_redeemed", "grant_id": grant.id, "app": app.name, "dialect": app.dialect,
+        event = {"grant_id": grant.id, "app": app.name, "dialect": app.dialect,
                  "actor": grant.actor, "subject": grant.subject, "client": client}  # fmt: skip
-        await self.store.append_audit(event)  # fails closed: no audit, no hand-off
+        await self.store.append_audit({"event": "grant_redeemed", **event})  # fails closed: no audit, no hand-off
         self.metrics.redeemed.labels(app.name, app.dialect).inc()
-        log.info(audit=True, **event)
+        log_event("grant_redeemed", {"audit": True, **event, **_request(request_id)})
         return Redemption(app=app.name, grant=grant, token=token, assertion=assertion)
 
     async def live(self, tokens: Iterable[str]) -> set[str]:
@@ -494,16 +501,22 @@ class Gateway:
         found = await self.store.live([credential_hash(t) for t in tokens])
         return {t for t, is_live in zip(tokens, found, strict=True) if is_live}
 
-    def refuse(self, app_name: str, reason: str, client: str) -> NoReturn:
+    def refuse(self, app_name: str, reason: str, client: str, request_id: str = "") -> NoReturn:
         """Refuse a redemption without consuming anything (a link presented with a method that may not use it)."""
-        self._refuse(self.config.app(app_name), reason, client)
+        self._refuse(self.config.app(app_name), reason, client, request_id=request_id)
 
-    def _refuse(self, app: AppConfig, reason: str, client: str, grant: Grant | None = None) -> NoReturn:
+    def _refuse(
+        self, app: AppConfig, reason: str, client: str, grant: Grant | None = None, request_id: str = ""
+    ) -> NoReturn:
         self.metrics.refused.labels(app.name, app.dialect, reason).inc()
         details = {} if grant is None else {"grant_id": grant.id, "actor": grant.actor, "subject": grant.subject}
-        log.info("grant_refused", audit=True, app=app.name, dialect=app.dialect, reason=reason, client=client,
-                 **details)  # fmt: skip
+        log_event("grant_refused", {"audit": True, "app": app.name, "dialect": app.dialect, "reason": reason,
+                                    "client": client, **details, **_request(request_id)})  # fmt: skip
         raise GrantRefused(reason)
+
+
+def _request(request_id: str) -> dict[str, str]:
+    return {"request_id": request_id} if request_id else {}
 
 
 def _reason(exc: Exception) -> str:

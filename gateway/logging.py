@@ -116,19 +116,25 @@ _production: tuple[list[structlog.typing.Processor], _Timestamp] | None = None  
 _log = structlog.get_logger("gateway")
 
 
-def log_request(fields: dict[str, Any]) -> None:
-    """The one ``request`` line of a request. Every request writes one, so while structlog writes JSON lines as
-    :func:`configure_logging` set it up, the line is rendered straight to them (the same fields, without
-    structlog's per-event machinery); otherwise (development, a test capturing logs) it goes through structlog."""
+def log_event(event: str, fields: dict[str, Any]) -> None:
+    """An info event of every request (its ``request`` line) or of every mint and redemption (their audit
+    events). While structlog writes JSON lines as :func:`configure_logging` set it up, the line is rendered
+    straight to them (the same fields, without structlog's per-event machinery); otherwise (development, a
+    test capturing logs) it goes through structlog."""
     if _production is not None and _writer is not None:
         processors, timestamp = _production
         if structlog.get_config()["processors"] is processors:
-            fields["event"] = "request"
+            fields["event"] = event
             fields["level"] = "info"
             timestamp(None, "info", fields)
             _writer.write(orjson.dumps(fields) + b"\n")
             return
-    _log.info("request", **fields)
+    _log.info(event, **fields)
+
+
+def log_request(fields: dict[str, Any]) -> None:
+    """The one ``request`` line of a request (see :func:`log_event`)."""
+    log_event("request", fields)
 
 
 def configure_logging(*, json: bool = True, level: int = logging.INFO) -> None:

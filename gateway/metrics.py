@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import HistogramMetricFamily, Metric
@@ -35,9 +36,18 @@ class Metrics:
         self.latency = Latency()
         self.registry.register(self.latency)
 
+        self._minted: dict[tuple[str, str], Any] = {}
+
     def observe(self, kind: str, seconds: float) -> None:
         """Record one request's latency."""
         self.latency.observe(kind, seconds)
+
+    def count_minted(self, app: str, dialect: str, grants: int) -> None:
+        """Count minted grants (the labelled child is looked up once per app)."""
+        child = self._minted.get((app, dialect))
+        if child is None:
+            child = self._minted[app, dialect] = self.minted.labels(app, dialect)
+        child.inc(grants)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

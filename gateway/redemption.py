@@ -34,7 +34,7 @@ from .config import AppConfig, Config
 from .core import Gateway
 from .dialects import Dialect, Where
 from .errors import GatewayError, RequestTimeout
-from .logging import bind_request
+from .logging import REQUEST_ID, bind_request
 from .proxy import ASSERTION_HEADER, Proxy, Upstream
 from .routing import Route, Target
 
@@ -105,7 +105,7 @@ class Redeemer:
             request[KIND] = "pass"
             return await self._forward(request, target, route, route.apps[0], raw_body, self.proxy.headers(request))
         request[KIND] = "redeem"
-        bind_request(request)
+        request_id = request[REQUEST_ID]
         first = self.config.app(found[0].offer.app)
         dialect = self.dialects[first.dialect]
         links = [f for f in found if f.carrier.where is Where.QUERY and not f.carrier.passive]
@@ -115,13 +115,13 @@ class Redeemer:
         if method in _SAFE or (links and method not in ("GET", "POST")):
             if links:  # a link is for following and confirming, nothing else
                 try:
-                    self.gateway.refuse(first.name, "method", client)
+                    self.gateway.refuse(first.name, "method", client, request_id)
                 except GatewayError as exc:
                     return dialect.error_response(exc)
             try:
                 live = await self.gateway.live(f.offer.token for f in found)
             except Exception as exc:
-                return _refusal(dialect, exc, first)
+                return _refusal(request, dialect, exc, first)
             headers = self.proxy.headers(request)
             query = _strip(headers, target.query, found, live)
             return await self._forward(request, target, route, route.apps[0], raw_body, headers, query=query)
@@ -133,9 +133,9 @@ class Redeemer:
                 return dialect.error_response(exc)
             confirm = any(name == CONFIRM_FIELD for name, _ in query_pairs(decoded.decode("latin-1")))
         try:
-            redemption = await self.gateway.redeem([f.offer for f in found], client)
+            redemption = await self.gateway.redeem([f.offer for f in found], client, request_id)
         except Exception as exc:
-            response = _refusal(dialect, exc, first)
+            response = _refusal(request, dialect, exc, first)
             for name in {f.carrier.name for f in found if f.carrier.where is Where.COOKIE}:
                 response.del_cookie(name, path="/")
             return response
@@ -201,9 +201,10 @@ class Redeemer:
 _FORM = "application/x-www-form-urlencoded"
 
 
-def _refusal(dialect: Dialect, exc: Exception, app: AppConfig) -> web.Response:
+def _refusal(request: web.Request, dialect: Dialect, exc: Exception, app: AppConfig) -> web.Response:
     """The dialect's answer for ``exc``; anything but a GatewayError is logged and answered as the dialect's 500."""
     if not isinstance(exc, GatewayError):
+        bind_request(request)
         log.exception("unhandled_error", app=app.name, dialect=app.dialect)
         exc = GatewayError()
     return dialect.error_response(exc)

@@ -213,13 +213,15 @@ class AutoPipeline:
     """Sends the commands that concurrent requests issue in the same moment to Redis as one pipeline.
 
     Commands queue while a batch is in flight and go out together as the next one, so under load many
-    requests share each round trip (and its system calls and timeout bookkeeping), and when idle a
-    command waits for nothing but the next turn of the event loop. Replies are matched back in order;
-    a failed command fails only its own caller, a failed batch every caller in it.
+    requests share each round trip (and its system calls and timeout bookkeeping: one timer bounds a whole
+    batch), and when idle a command waits for nothing but the next turn of the event loop. Replies are
+    matched back in order; a failed command fails only its own caller, a failed batch every caller in it. A
+    command waits at most for the batch in flight and its own: twice the timeout.
     """
 
-    def __init__(self, redis: AnyRedis) -> None:
+    def __init__(self, redis: AnyRedis, timeout: float) -> None:
         self._redis = redis
+        self._timeout = timeout  # a batch that takes longer fails every command in it
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._sender: asyncio.Task[None] | None = None
 
@@ -241,7 +243,8 @@ class AutoPipeline:
                 for args, _ in batch:
                     pipe.execute_command(*args)
                 try:
-                    replies = await pipe.execute(raise_on_error=False)
+                    async with asyncio.timeout(self._timeout):
+                        replies = await pipe.execute(raise_on_error=False)
                 except Exception as exc:
                     replies = [exc] * len(batch)
                 for (_, future), reply in zip(batch, replies, strict=True):
@@ -266,7 +269,7 @@ class Store:
         self.redis = redis
         self.prefix = prefix
         self.timeout = timeout
-        self._pipeline = AutoPipeline(redis)
+        self._pipeline = AutoPipeline(redis, timeout * 1.5)
 
     # -- keys ---------------------------------------------------------------------------------------
     def grant_key(self, token_hash: str) -> str:
@@ -312,6 +315,20 @@ class Store:
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable() from exc
 
+    async def _one(self, *command: Any) -> Any:
+        """One command through the auto-pipeline (bounded there); a Redis failure is StoreUnavailable."""
+        try:
+            return await self._pipeline.submit(*command)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable() from exc
+
+    async def _many(self, commands: Iterable[tuple[Any, ...]]) -> list[Any]:
+        """Several commands through the auto-pipeline; their replies in order (StoreUnavailable if one fails)."""
+        try:
+            return list(await asyncio.gather(*(self._pipeline.submit(*c) for c in commands)))
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable() from exc
+
     async def ping(self) -> bool:
         try:
             async with self._call():
@@ -332,34 +349,32 @@ class Store:
         """
         grants = list(grants)
         submit = self._pipeline.submit
-        async with self._call():
-            futures = [submit("SET", self.grant_key(h), value, "NX", "PX", ttl_ms) for h, value, ttl_ms in grants]
-            futures.append(submit(*self._xadd(audit)))
-            results = await asyncio.gather(*futures, return_exceptions=True)
-            if any(r not in (True, b"OK", "OK") for r in results[:-1]) or isinstance(results[-1], BaseException):
-                # A collision of 192 random bits is not going to happen; a failed audit append can.
-                await asyncio.gather(*(submit("DEL", self.grant_key(h)) for h, _, _ in grants))  # one slot each
-                raise StoreUnavailable()
+        futures = [submit("SET", self.grant_key(h), value, "NX", "PX", ttl_ms) for h, value, ttl_ms in grants]
+        futures.append(submit(*self._xadd(audit)))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        if any(r not in (True, b"OK", "OK") for r in results[:-1]) or isinstance(results[-1], BaseException):
+            # A collision of 192 random bits is not going to happen; a failed audit append can.
+            with suppress(StoreUnavailable):
+                await self._many(("DEL", self.grant_key(h)) for h, _, _ in grants)  # one slot each
+            raise StoreUnavailable()
 
     async def consume(self, token_hash: str) -> Consumed:
         """Atomically take the grant (GETDEL) and leave its tombstone: one script, one round trip."""
         keys = (self.grant_key(token_hash), self.tombstone_key(token_hash))
-        async with self._call():
-            try:
-                state, value = await self._pipeline.submit("EVALSHA", _REDEEM_SHA, 2, *keys, TOMBSTONE_MS)
-            except NoScriptError:  # a restarted or flushed Redis: EVAL caches the script again
-                state, value = await self._pipeline.submit("EVAL", _REDEEM, 2, *keys, TOMBSTONE_MS)
+        try:
+            state, value = await self._pipeline.submit("EVALSHA", _REDEEM_SHA, 2, *keys, TOMBSTONE_MS)
+        except NoScriptError:  # a restarted or flushed Redis: EVAL caches the script again
+            state, value = await self._one("EVAL", _REDEEM, 2, *keys, TOMBSTONE_MS)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable() from exc
         return Consumed({1: "redeemed", 2: "reused"}.get(int(state), "unknown"), value or None)
 
     async def live(self, token_hashes: Iterable[str]) -> list[bool]:
         """Whether each grant is live, consuming nothing (EXISTS each, auto-pipelined: one round trip)."""
-        async with self._call():
-            found = await asyncio.gather(*(self._pipeline.submit("EXISTS", self.grant_key(h)) for h in token_hashes))
-        return [bool(n) for n in found]
+        return [bool(n) for n in await self._many(("EXISTS", self.grant_key(h)) for h in token_hashes)]
 
     async def append_audit(self, event: Mapping[str, str]) -> None:
-        async with self._call():
-            await self._pipeline.submit(*self._xadd(event))
+        await self._one(*self._xadd(event))
 
     def _xadd(self, event: Mapping[str, str]) -> tuple[Any, ...]:
         return ("XADD", self.audit_key, "MAXLEN", "~", AUDIT_MAXLEN, "*", *(x for kv in event.items() for x in kv))
@@ -373,45 +388,36 @@ class Store:
     async def record_failure(self, keys: Iterable[tuple[str, str]], window_s: int) -> list[int]:
         """Count one failed credential against each ``(kind, fingerprint)``; the window starts at the first."""
         names = [self.failure_key(k, f) for k, f in keys]
-        submit = self._pipeline.submit
-        async with self._call():
-            counts = [submit("INCR", name) for name in names]
-            expiries = [submit("EXPIRE", name, window_s, "NX") for name in names]
-            results = await asyncio.gather(*counts, *expiries)
-        return [int(v) for v in results[: len(names)]]
+        commands = [*(("INCR", name) for name in names), *(("EXPIRE", name, window_s, "NX") for name in names)]
+        return [int(v) for v in (await self._many(commands))[: len(names)]]
 
     # -- directory: reading ----------------------------------------------------------------------------
     async def generations(self, apps: Iterable[str]) -> dict[str, str | None]:
         """Each app's directory generation in use (None: it has no directory), in one round trip."""
         names = list(apps)
-        async with self._call():
-            values = await asyncio.gather(*(self._pipeline.submit("GET", self.current_key(n)) for n in names))
+        values = await self._many(("GET", self.current_key(n)) for n in names)
         return {n: None if v is None else bytes(v).decode() for n, v in zip(names, values, strict=True)}
 
     async def actors(self, app: str, generation: str) -> tuple[Actors, str] | None:
         """The app's actors in ``generation`` and the digest of the source they were loaded from."""
-        async with self._call():
-            value = await self._pipeline.submit("GET", self.actors_key(app, generation))
+        value = await self._one("GET", self.actors_key(app, generation))
         if value is None:
             return None
         raw = orjson.loads(value)
         return Actors.from_json(orjson.dumps(raw["actors"])), str(raw.get("source", ""))
 
     async def subject(self, app: str, generation: str, subject_id: str) -> Subject | None:
-        async with self._call():
-            value = await self._pipeline.submit("GET", self.subject_key(app, generation, subject_id))
+        value = await self._one("GET", self.subject_key(app, generation, subject_id))
         return None if value is None else Subject.from_json(value)
 
     async def subjects_by(self, app: str, generation: str, lookups: Iterable[tuple[str, str]]) -> list[Subject]:
         """The subjects that any of ``lookups`` (``(kind, value)``, see :meth:`Subject.index`) finds: two round
         trips, the index's ids and then their subjects."""
         keys = [self.index_key(app, generation, kind, value) for kind, value in lookups]
-        async with self._call():
-            ids = await self._pipeline.submit("SUNION", *keys)
-            if not ids:
-                return []
-            values = await self._pipeline.submit("MGET", *(self.subject_key(app, generation, bytes(i).decode())
-                                                            for i in sorted(ids)))  # fmt: skip
+        ids = await self._one("SUNION", *keys)
+        if not ids:
+            return []
+        values = await self._one("MGET", *(self.subject_key(app, generation, bytes(i).decode()) for i in sorted(ids)))
         return [Subject.from_json(v) for v in values if v is not None]
 
     async def subject_page(self, app: str, generation: str, start: int, count: int) -> tuple[int, list[Subject]]:
