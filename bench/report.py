@@ -29,6 +29,7 @@ CASES = {
     "nginx_proxy": "nginx alone",
     "edge_passthrough": "edge pass",
     "edge_redeem": "edge redeem",
+    "mint_1m_subjects": "mint, 1M subj.",
 }
 INVALID_SHARE = 0.01  # a case with more failed requests than this measured something else: exit status 1
 
@@ -73,6 +74,9 @@ TARGETS = (
     Target("redis_round_trips_per_redeem", "<= 1 (to 2 decimals)", _at_most_one),
     Target("redis_bytes_per_grant", "<= 512", lambda v: v <= 512),
     Target("rss_growth_ratio", "1 +- 0.1 (100k -> 200k mints)", lambda v: abs(v - 1) <= 0.1),
+    Target("directory_load_1m_seconds", "<= 60", lambda v: v <= 60),
+    Target("rss_1m_vs_1k_subjects", "1 +- 0.1 (RSS with 1M subjects / with 1k)", lambda v: abs(v - 1) <= 0.1),
+    Target("max_stall_ms_during_load", "<= 50 (a mint every 10 ms, 1M load)", lambda v: v <= 50),
 )
 
 
@@ -95,6 +99,7 @@ class Figures:
     rss_mb_at_start: float | None = None
     rss_marks: dict[int, tuple[int, float]] = field(default_factory=dict)  # mark -> (mints served, RSS MB)
     edge_passthrough_gateway_requests: int | None = None  # what the gateway counted of the edge pass-through run
+    directory: dict[str, float] = field(default_factory=dict)  # the directory case's figures, by name
 
     def add(self, case: str, load: Load) -> Load:
         self.loads[case] = load
@@ -154,6 +159,12 @@ class Figures:
         for mark, (served, rss) in self.rss_marks.items():
             out[f"rss_mb_after_{mark // 1000}k_mints"] = round(rss, 1)
             out[f"mints_served_at_{mark // 1000}k_mark"] = served
+        out.update(self.directory)
+        if self.directory.get("rss_mb_1k_subjects") and "rss_mb_1m_subjects" in self.directory:
+            out["rss_1m_vs_1k_subjects"] = round(
+                self.directory["rss_mb_1m_subjects"] / self.directory["rss_mb_1k_subjects"], 3
+            )
+        out["mint_1m_subjects_ratio"] = self._ratio("mint_1m_subjects", "mint", rps)
         marks = sorted(self.rss_marks)
         if len(marks) >= 2 and self.rss_marks[marks[0]][1]:
             out["rss_growth_ratio"] = round(self.rss_marks[marks[-1]][1] / self.rss_marks[marks[0]][1], 3)

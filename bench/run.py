@@ -18,10 +18,12 @@ import contextlib
 import itertools
 import math
 import os
+import re
 import secrets
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ import redis
 import yaml
 
 from . import floors, processes
+from .directory import Probe, write_directory
 from .load import THREADS, Load, wrk
 from .nginx import main_conf, nginx_binary, plain_proxy
 from .processes import PYTHON, BenchError, Process, free_port, get_json, get_text, ready_url, start
@@ -392,6 +395,43 @@ def rss_case(bench: Bench) -> None:
             bench.figures.rss_marks[mark] = (served, gateway.rss_mb())
 
 
+def directory_case(bench: Bench) -> None:
+    """One gateway serves mints while its app's directory grows from 1,000 subjects to 1,000,000: the load's
+    time (``directory load``, run as a user would), the longest answer of a mint sent every 10 ms meanwhile,
+    and the gateway's RSS after minting with each size."""
+    small = write_directory(bench.tmp, ROOT / "directory.yaml", 1_000)
+    large = write_directory(bench.tmp, ROOT / "directory.yaml", 1_000_000)
+    script = Path(PYTHON).parent / "impersonation-gateway"
+    command = [str(script)] if script.exists() else [PYTHON, "-m", "gateway"]
+
+    def load(path: Path) -> tuple[float, float]:
+        started = time.monotonic()
+        done = subprocess.run([*command, "directory", "load", str(path), "--config", str(bench.config)],
+                              capture_output=True, text=True, cwd=ROOT, check=False)  # fmt: skip
+        if done.returncode != 0:
+            raise BenchError(f"directory load failed: {done.stderr.strip()}")
+        found = re.search(r" in ([0-9.]+) s", done.stdout)
+        if found is None:
+            raise BenchError(f"directory load said no time: {done.stdout.strip()}")
+        return float(found.group(1)), time.monotonic() - started
+
+    with bench.gateway() as gateway:
+        mint = Workload(gateway.url + MINT_PATH, headers=MINT_HEADERS)
+        load(small)
+        mint.run(bench.duration)
+        bench.figures.directory["rss_mb_1k_subjects"] = round(gateway.rss_mb(), 1)
+        header = dict(h.split(": ", 1) for h in MINT_HEADERS)
+        with Probe(gateway.url + MINT_PATH, header) as probe:
+            seconds, wall = load(large)
+        bench.figures.directory["directory_load_1m_seconds"] = round(seconds, 1)
+        bench.figures.directory["directory_load_1m_wall_seconds"] = round(wall, 1)
+        bench.figures.directory["max_stall_ms_during_load"] = round(max(probe.latencies_ms), 1)
+        bench.figures.directory["probes_during_load"] = len(probe.latencies_ms)
+        bench.figures.directory["probe_failures_during_load"] = probe.failures
+        bench.figures.add("mint_1m_subjects", mint.run(bench.duration))
+        bench.figures.directory["rss_mb_1m_subjects"] = round(gateway.rss_mb(), 1)
+
+
 def run(duration: int, warmup: int) -> Figures:
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch, contextlib.ExitStack() as stack:
         tmp = Path(scratch)
@@ -418,6 +458,7 @@ def run(duration: int, warmup: int) -> Figures:
             ("nginx alone", lambda: nginx_case(bench)),
             ("edge: pass-through and redeem", lambda: edge_cases(bench)),
             ("RSS after 100k and 200k mints", lambda: rss_case(bench)),
+            ("directory: 1k then 1M subjects", lambda: directory_case(bench)),
         ]
         chosen = [c.strip() for c in os.environ.get("BENCH_CASES", "").split(",") if c.strip()]
         unknown = set(chosen) - {label for label, _ in steps}
