@@ -36,7 +36,7 @@ from .directory import (
 from .errors import Forbidden, GrantRefused, Invalid, NotFound, RateLimited, StoreUnavailable, Unauthenticated
 from .logging import log_event
 from .metrics import Metrics
-from .store import Store
+from .store import LoadUnderWay, Store
 
 log = structlog.get_logger("gateway")
 
@@ -220,8 +220,11 @@ class Directory:
             found = None if generation is None else await self.store.actors(name, generation)
             if found is not None and found[1] == source:
                 continue  # already loaded from this very file
-            # Small batches: this process serves requests between them.
-            summary = await self.store.load_app(directory, source=source, batch=200)
+            try:  # small batches: this process serves requests between them
+                summary = await self.store.load_app(directory, source=source, batch=200)
+            except LoadUnderWay:  # another process is loading it: follow its generation when it is done
+                log.info("directory_load_skipped", file=str(self.file), app=name, reason="another load under way")
+                continue
             log.info("directory_loaded", file=str(self.file), app=name, generation=summary.generation,
                      subjects=summary.subjects, added=summary.added, changed=summary.changed,
                      removed=summary.removed, seconds=round(summary.seconds, 2))  # fmt: skip

@@ -5,6 +5,7 @@ Keys (all under ``store.prefix``; ``{...}`` is a Redis Cluster hash tag)::
     grant:{<sha256 of token>}           a live grant, JSON, PX = grant TTL          SET NX PX / GETDEL
     used:{<sha256 of token>}            tombstone of a redeemed grant (reuse alarm)  SET PX, in the redeem script
     {dir:<app>}:current                 the app's directory generation in use        SET (a load's last step), GET
+    {dir:<app>}:loading                 the generation a load is writing (its lease)  SET NX PX, renewed per batch
     {dir:<app>}:<gen>:actors            principals and resellers, JSON, small        SET, GET
     {dir:<app>}:<gen>:s:<id>            one subject, JSON                            SET, GET / MGET
     {dir:<app>}:<gen>:ids               every subject id (sorted set, score 0)       ZADD, ZRANGE, ZCARD
@@ -17,7 +18,7 @@ directory keys share the app's tag: a subject and its index entries change toget
 and a look-up's index and subjects sit on one node, even on a Cluster. A load writes a new generation
 beside the one in use and switches ``current`` to it last, so a reader sees all of the old directory or
 all of the new; the old generation is dropped a little later (processes follow ``current`` within
-``directory.refresh_seconds``).
+``directory.refresh_seconds``). One load per app runs at a time (``loading``), and dropping spares its keys.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ from .errors import StoreUnavailable
 
 AUDIT_MAXLEN = 100_000
 TOMBSTONE_MS = 24 * 3600 * 1000  # a reused link is worth an alarm for a day after its redemption
+LEASE_MS = 30_000  # a directory load's hold on its app, renewed by each batch: one that died lets go this late
+
+
+class LoadUnderWay(DirectoryError):
+    """Another load of the same app holds its lease."""
+
 
 # GETDEL the grant and, in the same atomic step, leave a tombstone holding it; on a miss, return the
 # tombstone so the caller can tell "reused" from "unknown or expired" (for logs only).
@@ -61,13 +68,19 @@ return {0, false}
 """
 _REDEEM_SHA = hashlib.sha1(_REDEEM.encode()).hexdigest()
 
-# Write a batch of subjects into a new generation (ARGV[1]: its key prefix) and count, against the previous one
-# (ARGV[2], "" when none), the added, changed and kept; ARGV then holds, per subject, its id, JSON, and the number
-# of its index entries followed by each entry's kind and value. Every key is in the app's slot (KEYS[1]'s).
+# Write a batch of subjects into a new generation and count, against the previous one, the added, changed and
+# kept. ARGV: the app's key tag, the new generation, the previous one ("" when none), the lease's milliseconds,
+# then per subject its id, JSON, and the number of its index entries followed by each entry's kind and value.
+# The load must still hold the app's lease (``loading`` = its generation; renewed here): {-2} when it lost it,
+# {-1, id} for an id given twice. Every key is in the app's slot (KEYS[1]'s).
 _LOAD = """
-local new, old = ARGV[1], ARGV[2]
+local tag, gen, old = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('GET', tag .. 'loading') ~= gen then return {-2} end
+redis.call('PEXPIRE', tag .. 'loading', ARGV[4])
+local new = tag .. gen .. ':'
+if old ~= '' then old = tag .. old .. ':' end
 local added, changed, kept = 0, 0, 0
-local i = 3
+local i = 5
 while i <= #ARGV do
   local id, json, entries = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   if redis.call('ZADD', new .. 'ids', 0, id) == 0 then return {-1, id} end
@@ -86,7 +99,38 @@ while i <= #ARGV do
 end
 return {added, changed, kept}
 """
-_LOAD_SHA = hashlib.sha1(_LOAD.encode()).hexdigest()
+
+# A load's last step, if it still holds the lease (ARGV: the tag, its generation, the actors' JSON, the previous
+# generation or ""): its actors, then ``current``, then the lease goes. Returns the previous generation's number
+# of subjects, or -1 when the lease was lost (nothing switched).
+_SWITCH = """
+local tag, gen, old = ARGV[1], ARGV[2], ARGV[4]
+if redis.call('GET', tag .. 'loading') ~= gen then return -1 end
+redis.call('SET', tag .. gen .. ':actors', ARGV[3])
+redis.call('SET', KEYS[1], gen)
+redis.call('DEL', tag .. 'loading')
+if old == '' then return 0 end
+return redis.call('ZCARD', tag .. old .. ':ids')
+"""
+
+# Delete the keys in ARGV (after the tag, ARGV[1]) except those of the generation in use and of a load under way:
+# checked here, in one atomic step, so a load that starts while old generations are being dropped keeps its keys.
+_DROP = """
+local tag = ARGV[1]
+local keep = {[redis.call('GET', KEYS[1]) or ''] = true, [redis.call('GET', tag .. 'loading') or ''] = true}
+local n = 0
+for i = 2, #ARGV do
+  local gen = string.match(string.sub(ARGV[i], #tag + 1), '^([^:]+):')
+  if gen and not keep[gen] then n = n + redis.call('UNLINK', ARGV[i]) end
+end
+return n
+"""
+
+# Let go of the lease if it is still this load's (ARGV[1]: the generation).
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 # Replace one subject (KEYS[1]) and its index entries, if it still is what the caller read (ARGV[3], "" for none):
 # ARGV[1] the generation's prefix, ARGV[2] the id, ARGV[4] the new JSON ("" deletes), then the count and the
@@ -112,7 +156,6 @@ for j = at + 1, at + 2 * tonumber(ARGV[at]), 2 do
 end
 return 1
 """
-_PUT_SUBJECT_SHA = hashlib.sha1(_PUT_SUBJECT.encode()).hexdigest()
 
 AnyRedis = aioredis.Redis | RedisCluster
 
@@ -455,15 +498,20 @@ class Store:
             subject.to_json() if subject else b"", str(len(removed)), *(x for entry in removed for x in entry),
             str(len(added)), *(x for entry in added for x in entry),
         ]  # fmt: skip
-        key = self.subject_key(app, generation, subject_id)
+        return bool(await self._script(_PUT_SUBJECT, self.subject_key(app, generation, subject_id), *args))
+
+    async def _script(self, script: str, key: str, *args: str | bytes) -> Any:
+        """Run a script on ``key``'s node (EVALSHA; EVAL when the server does not hold it yet)."""
         async with self._call():
             try:
-                done = await self.redis.evalsha(_PUT_SUBJECT_SHA, 1, key, *args)
+                return await self.redis.evalsha(hashlib.sha1(script.encode()).hexdigest(), 1, key, *args)
             except NoScriptError:
-                done = await self.redis.eval(_PUT_SUBJECT, 1, key, *args)
-        return bool(done)
+                return await self.redis.eval(script, 1, key, *args)
 
     # -- directory: loading ----------------------------------------------------------------------------
+    def _tag(self, app: str) -> str:
+        return f"{self.prefix}{{dir:{app}}}:"
+
     async def load_app(
         self,
         directory: AppDirectory,
@@ -473,17 +521,41 @@ class Store:
         progress: Callable[[int], object] | None = None,
     ) -> LoadSummary:
         """Write ``directory`` as a new generation of its app, in batches (constant memory, each batch one
-        pipeline), then make it the one in use; the previous generation stays for :meth:`drop_generations`.
+        script), then make it the one in use; the previous generation stays for :meth:`drop_generations`.
 
-        A subject absent from ``directory`` is gone once this returns. A load that fails before the end
-        changes nothing in use (its partial generation is dropped by the next load). Raises DirectoryError
-        (a bad or duplicate subject: nothing switched) or StoreUnavailable.
+        One load per app at a time: it holds the app's lease (``loading``, renewed by each batch, expiring
+        :data:`LEASE_MS` after the last). A subject absent from ``directory`` is gone once this returns. A load
+        that fails before the end changes nothing in use (its partial generation is dropped by the next load).
+        Raises LoadUnderWay, DirectoryError (a bad or duplicate subject, a lost lease: nothing switched) or
+        StoreUnavailable.
         """
         app, started = directory.app, time.monotonic()
-        generation = secrets.token_hex(8)
-        previous = (await self.generations([app]))[app]
-        new_prefix = self.generation_prefix(app, generation)
-        old_prefix = "" if previous is None else self.generation_prefix(app, previous)
+        tag, generation = self._tag(app), secrets.token_hex(8)
+        async with self._call():
+            if not await self.redis.set(tag + "loading", generation, nx=True, px=LEASE_MS):
+                raise LoadUnderWay(f"apps.{app}: another load of this app is under way (one that died lets go "
+                                   f"within {LEASE_MS // 1000} s); nothing was loaded")  # fmt: skip
+        try:
+            return await self._load(directory, tag, generation, source, batch, progress, started)
+        except BaseException:
+            with suppress(Exception):
+                await self._script(_RELEASE, tag + "loading", generation)
+            raise
+
+    async def _load(
+        self,
+        directory: AppDirectory,
+        tag: str,
+        generation: str,
+        source: str,
+        batch: int,
+        progress: Callable[[int], object] | None,
+        started: float,
+    ) -> LoadSummary:
+        app = directory.app
+        lost = DirectoryError(f"apps.{app}: the load stalled past {LEASE_MS // 1000} s and another took over; "
+                              "nothing was switched")  # fmt: skip
+        previous = (await self.generations([app]))[app] or ""
         added = changed = kept = 0
         pending: list[Subject] = []
 
@@ -491,18 +563,16 @@ class Store:
             # One script per batch writes its subjects and their index entries and compares them with the
             # previous generation's: a million subjects are a thousand commands, not five million.
             nonlocal added, changed, kept
-            args: list[str | bytes] = [new_prefix, old_prefix]
+            args: list[str | bytes] = [tag, generation, previous, str(LEASE_MS)]
             for subject in pending:
                 index = subject.index()
                 args += [subject.id, subject.to_json(), str(len(index))]
                 for kind, value in index:
                     args += [kind, value]
-            async with self._call():
-                try:
-                    result = await self.redis.evalsha(_LOAD_SHA, 1, self.current_key(app), *args)
-                except NoScriptError:
-                    result = await self.redis.eval(_LOAD, 1, self.current_key(app), *args)
-            if int(result[0]) < 0:
+            result = await self._script(_LOAD, self.current_key(app), *args)
+            if int(result[0]) == -2:
+                raise lost
+            if int(result[0]) == -1:
                 raise DirectoryError(f"apps.{app}: subject {bytes(result[1]).decode()!r} is given twice")
             added, changed, kept = added + int(result[0]), changed + int(result[1]), kept + int(result[2])
             if progress is not None:
@@ -516,30 +586,30 @@ class Store:
                 await flush()
         await flush()
         actors = orjson.dumps({"actors": orjson.loads(directory.actors.to_json()), "source": source})
-        async with self._call():
-            before = await self.redis.zcard(self.subject_ids_key(app, previous)) if previous is not None else 0
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.set(self.actors_key(app, generation), actors)
-            pipe.set(self.current_key(app), generation)
-            await pipe.execute()
+        before = await self._script(_SWITCH, self.current_key(app), tag, generation, actors, previous)
+        if int(before) < 0:
+            raise lost
         return LoadSummary(app, generation, added, changed, int(before) - kept, added + kept,
                            time.monotonic() - started)  # fmt: skip
 
     async def drop_generations(self, app: str) -> int:
-        """Delete every generation of the app's directory but the one in use (old ones, and what loads that
-        died midway left); returns how many keys went."""
-        current = (await self.generations([app]))[app]
-        tag = f"{self.prefix}{{dir:{app}}}:"
-        keep = (f"{tag}current".encode(), f"{tag}{current}:".encode())
+        """Delete every generation of the app's directory but the one in use and a load's under way (old
+        ones, and what loads that died midway left); returns how many keys went."""
+        tag = self._tag(app)
         dropped = 0
         doomed: list[bytes] = []
-        async for key in self._scan_app(app, _glob_escape(tag) + "*"):
-            if key == keep[0] or (current is not None and key.startswith(keep[1])):
-                continue
+        async for key in self._scan_app(app, _glob_escape(tag) + "*:*"):
             doomed.append(key)
             if len(doomed) >= 1000:
-                dropped += await self._unlink(doomed)
-        return dropped + await self._unlink(doomed)
+                dropped += await self._drop(app, doomed)
+        return dropped + await self._drop(app, doomed)
+
+    async def _drop(self, app: str, keys: list[bytes]) -> int:
+        if not keys:
+            return 0
+        dropped = int(await self._script(_DROP, self.current_key(app), self._tag(app), *keys))
+        keys.clear()
+        return dropped
 
     async def load_directory(self, apps: Mapping[str, AppDirectory]) -> dict[str, LoadSummary]:
         """Load each app (:meth:`load_app`) and drop its older generations at once: for tests and set-up,
@@ -560,11 +630,3 @@ class Store:
         else:
             async for key in redis.scan_iter(match=match, count=1000):
                 yield key
-
-    async def _unlink(self, keys: list[bytes]) -> int:
-        if not keys:
-            return 0
-        async with self._call():
-            removed = int(await self.redis.unlink(*keys))
-        keys.clear()
-        return removed
