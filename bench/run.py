@@ -450,7 +450,7 @@ def run(duration: int, warmup: int) -> Figures:
             ("floor-hello", lambda: floor_case(bench, "hello", "/")),
             ("floor-mint", lambda: floor_case(bench, "mint", "/mint")),
             ("mint", lambda: mint_case(bench)),
-            ("mint, 2 workers", lambda: workers_case(bench)),
+            ("mint on 2 workers", lambda: workers_case(bench)),
             ("floor-redeem", lambda: floor_redeem_case(bench)),
             ("redeem", lambda: redeem_case(bench)),
             ("floor-proxy", lambda: floor_case(bench, "proxy", PASS_PATH)),
