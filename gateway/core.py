@@ -25,6 +25,7 @@ from .assertion import Signer
 from .config import AppConfig, Config
 from .directory import (
     Actors,
+    AppDirectory,
     Principal,
     Subject,
     credential_hash,
@@ -36,7 +37,7 @@ from .directory import (
 from .errors import Forbidden, GrantRefused, Invalid, NotFound, RateLimited, StoreUnavailable, Unauthenticated
 from .logging import log_event
 from .metrics import Metrics
-from .store import LoadUnderWay, Store
+from .store import LoadSummary, LoadUnderWay, Store
 
 log = structlog.get_logger("gateway")
 
@@ -220,10 +221,8 @@ class Directory:
             found = None if generation is None else await self.store.actors(name, generation)
             if found is not None and found[1] == source:
                 continue  # already loaded from this very file
-            try:  # small batches: this process serves requests between them
-                summary = await self.store.load_app(directory, source=source, batch=200)
-            except LoadUnderWay:  # another process is loading it: follow its generation when it is done
-                log.info("directory_load_skipped", file=str(self.file), app=name, reason="another load under way")
+            summary = await self._load_app(directory, source, generation)
+            if summary is None:
                 continue
             log.info("directory_loaded", file=str(self.file), app=name, generation=summary.generation,
                      subjects=summary.subjects, added=summary.added, changed=summary.changed,
@@ -231,6 +230,21 @@ class Directory:
             task = asyncio.create_task(self._drop_later(name))
             self._drops.add(task)
             task.add_done_callback(self._drops.discard)
+
+    async def _load_app(self, directory: AppDirectory, source: str, generation: str | None) -> LoadSummary | None:
+        """Load one app from the file, unless another process is loading it: then follow that load (once it is
+        done, when the app had no directory yet, so this process never answers as if it had no actors)."""
+        app = directory.app
+        while True:
+            try:  # small batches: this process serves requests between them
+                return await self.store.load_app(directory, source=source, batch=200)
+            except LoadUnderWay:
+                if generation is not None:
+                    log.info("directory_load_skipped", file=str(self.file), app=app, reason="another load under way")
+                    return None
+            await asyncio.sleep(0.1)
+            if (await self.store.generations([app]))[app] is not None:
+                return None  # the other process's load is done
 
     async def _drop_later(self, app: str) -> None:
         """Drop the replaced generation once every process has had time to follow the new one."""
