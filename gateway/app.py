@@ -27,7 +27,7 @@ from . import body as bodies
 from .admin import create_admin_app
 from .assertion import Signer, load_key
 from .config import Config
-from .core import Gateway
+from .core import REASON_HEADER, Gateway, parse_reason
 from .dialects import Dialect, HttpRequest, all_dialects
 from .errors import GatewayError, StoreUnavailable
 from .logging import FLUSH_SECONDS, REQUEST_ID, bind_request, flush_logs, log_request, unbind_request
@@ -279,6 +279,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
                 _, decoded = await bodies.read(request, server.body_limit_bytes, server.body_timeout_seconds)
                 view = replace(view, body=decoded)
             command = dialect.parse(view, app)
+            if REASON_HEADER in request.headers:
+                command = replace(command, reason=parse_reason(request.headers.getall(REASON_HEADER)))
             result = await request.app[GATEWAY].mint(command, request[REQUEST_ID])
             return dialect.render(result, app, config.public_url_of(app))
         except GatewayError as exc:

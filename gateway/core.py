@@ -67,6 +67,7 @@ class ImpersonationCommand:
     bind: tuple[str, ...] = ()  # subject fields that must come back with the grant (e.g. "email")
     extra_scopes: tuple[str, ...] = ()  # further grants for the same subject, each with its own scope
     credential_name: str = "actor"  # which header or field held the credential, for the dialect's errors
+    reason: str | None = None  # why the actor impersonates (a ticket, a sentence): audit events and the assertion
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Grant:
     custom_data: Any = None
     scope: str | None = None
     bound: Mapping[str, str] = field(default_factory=dict)
+    reason: str | None = None
 
     def to_json(self) -> bytes:
         return orjson.dumps({k: v for k, v in self.__dict__.items() if v is not None and v != {}})
@@ -101,6 +103,24 @@ class MintResult:
     grant: Grant
     subject: Subject
     extra: Mapping[str, tuple[str, Grant]] = field(default_factory=dict)  # scope -> (token, grant)
+
+
+# Why an actor impersonates: every dialect's mint request may say it in this header (the native API in a field).
+REASON_HEADER = "X-Impersonation-Reason"
+REASON_MAX = 200
+
+
+def parse_reason(values: Sequence[str]) -> str | None:
+    """The reason among a request's ``values`` (its reason headers or field): None when absent or blank;
+    Invalid("reason", "value") for several, or for one over :data:`REASON_MAX` or not printable."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise Invalid("reason", "value")
+    reason = values[0].strip()
+    if len(reason) > REASON_MAX or not reason.isprintable():
+        raise Invalid("reason", "value")
+    return reason or None
 
 
 # What a grant token looks like: 24 random bytes, base64url without padding. Only such a value in a carrier
@@ -307,6 +327,8 @@ class Gateway:
             "subject": subject.id,
             "client": cmd.client,
         }
+        if cmd.reason is not None:
+            event["reason"] = cmd.reason
         ttl_ms = app.grant_ttl_seconds * 1000
         await self.store.put_grants(
             [(credential_hash(t), g.to_json(), ttl_ms) for t, g in [(token, grant), *extra.values()]],
@@ -337,6 +359,7 @@ class Gateway:
             custom_data=cmd.custom_data,
             scope=scope,
             bound=bound,
+            reason=cmd.reason,
         )
         return base64.urlsafe_b64encode(random[:TOKEN_BYTES]).decode(), grant
 
@@ -351,6 +374,8 @@ class Gateway:
             raise Unauthenticated("unknown", cmd.credential_name)
         if principal.role not in app.roles_allowed_to_mint:
             raise Forbidden("role")
+        if app.require_reason and cmd.reason is None:
+            raise Invalid("reason", "missing")
         reseller = cmd.reseller
         if principal.reseller is not None or reseller is not None:
             # ActivePlatform: the path reseller must be the principal's or downstream of it, and the
@@ -501,12 +526,16 @@ class Gateway:
             "jti": grant.id,
             "dialect": grant.dialect,
         }
-        for key, value in (("email", grant.email), ("custom_data", grant.custom_data), ("scope", grant.scope)):
+        optional = (("email", grant.email), ("custom_data", grant.custom_data), ("scope", grant.scope),
+                    ("reason", grant.reason))  # fmt: skip
+        for key, value in optional:
             if value is not None:
                 claims[key] = value
         assertion = self.signer.sign(claims, now)
         event = {"grant_id": grant.id, "app": app.name, "dialect": app.dialect,
                  "actor": grant.actor, "subject": grant.subject, "client": client}  # fmt: skip
+        if grant.reason is not None:
+            event["reason"] = grant.reason
         await self.store.append_audit({"event": "grant_redeemed", **event})  # fails closed: no audit, no hand-off
         self.metrics.redeemed.labels(app.name, app.dialect).inc()
         log_event("grant_redeemed", {"audit": True, **event, **_request(request_id)})

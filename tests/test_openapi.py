@@ -217,6 +217,7 @@ DN_TOKEN = {"X-Auth-Token": "denovolab-demo-admin-token"}
 BTC, INFO, WITH_TOKEN = "/api/v1/user/login-token", "/api/v1/system/info", "/api/v2/user/login-with-token"
 PARTNER = {"Authorization": "Bearer btcdirect-partner-demo-token"}
 USER_ID = {"User-Identifier": "7c3f9a1e2b4d6f8091a3c5e7f9b1d3e5a7c9e1f3"}
+LONG_REASON = {"X-Impersonation-Reason": "x" * 201}
 
 
 @dataclass(frozen=True)
@@ -233,9 +234,11 @@ class Scenario:
         return unquote(self.url.partition("?")[0])
 
 
-def pyramid(status: int, fields: Any, path: str = P3, setup: str = "demo") -> Scenario:
+def pyramid(
+    status: int, fields: Any, path: str = P3, setup: str = "demo", reason: Mapping[str, str] | None = None
+) -> Scenario:
     body = fields if isinstance(fields, bytes) else json.dumps({"data": fields} if path == P2 else fields).encode()
-    return Scenario(status, "POST", path, {"Content-Type": "application/json"}, body, setup)
+    return Scenario(status, "POST", path, {"Content-Type": "application/json", **(reason or {})}, body, setup)
 
 
 def denovolab(status: int, body: Any, headers: Mapping[str, str] = DN_TOKEN, setup: str = "demo") -> Scenario:
@@ -248,6 +251,7 @@ SCENARIOS: dict[str, Scenario] = {
     "ap-200-downstream": Scenario(200, "GET", AP.format(7) + "?account_id=707", AP_TOKEN),
     "ap-400-missing": Scenario(400, "GET", AP.format(1), AP_TOKEN),
     "ap-400-value": Scenario(400, "GET", AP.format(1) + "?account_id=five", AP_TOKEN),
+    "ap-400-reason": Scenario(400, "GET", AP.format(1) + "?account_id=505", {**AP_TOKEN, **LONG_REASON}),
     "ap-401-missing": Scenario(401, "GET", AP.format(1) + "?account_id=505"),
     "ap-401-unknown": Scenario(401, "GET", AP.format(1) + "?account_id=505", {"X-Api-Token": "guess"}),
     "ap-403-role": Scenario(403, "GET", AP.format(1) + "?account_id=505", {"X-Api-Token": "marketing-manager-token"}),
@@ -282,6 +286,7 @@ SCENARIOS: dict[str, Scenario] = {
     "p3-400-long": pyramid(400, {"token": EA, "userIdentity": "j" * 600}),
     "p3-400-mismatch": pyramid(400, {"token": EA, "userIdentity": "HR\\jdoe", "domain": "sales.example.com"}),
     "p3-400-unknown": pyramid(400, {"token": EA, "userIdentity": "nobody"}),
+    "p3-400-reason": pyramid(400, {"token": EA, "userIdentity": "jdoe"}, reason=LONG_REASON),
     "p3-401-missing": pyramid(401, {"userIdentity": "jdoe"}),
     "p3-401-unknown": pyramid(401, {"token": "guess", "userIdentity": "jdoe"}),
     "p3-403-domain": pyramid(403, {"token": DA, "userIdentity": "asmith"}),
@@ -308,6 +313,7 @@ SCENARIOS: dict[str, Scenario] = {
     "dn-200": denovolab(200, {"client_id": "41"}),
     "dn-200-number": denovolab(200, {"client_id": 41}),
     "dn-400-missing": denovolab(400, {}),
+    "dn-400-reason": denovolab(400, {"client_id": 41}, {**DN_TOKEN, **LONG_REASON}),
     "dn-400-empty": denovolab(400, b""),
     "dn-400-json": denovolab(400, b"{"),
     "dn-400-array": denovolab(400, [41]),
@@ -333,6 +339,7 @@ SCENARIOS: dict[str, Scenario] = {
         {"X-Api-Key": "btcdirect-partner-demo-token", "User-Authorization": "Bearer btcdirect-user-demo-token"},
     ),
     "btc-400-ER802": Scenario(400, "GET", BTC, USER_ID),
+    "btc-400-ER925": Scenario(400, "GET", BTC, {**PARTNER, **USER_ID, **LONG_REASON}),
     "btc-400-ER800": Scenario(400, "GET", BTC, {"Authorization": "Bearer guess", **USER_ID}),
     "btc-400-ER805": Scenario(400, "GET", BTC, {"X-Api-Key": "guess", **USER_ID}),
     "btc-400-ER803": Scenario(400, "GET", BTC, {**PARTNER, "X-Api-Key": "k", **USER_ID}),

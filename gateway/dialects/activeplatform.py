@@ -11,7 +11,7 @@ import re
 from aiohttp import web
 
 from ..config import AppConfig
-from ..core import ImpersonationCommand, MintResult, SubjectRef
+from ..core import REASON_HEADER, REASON_MAX, ImpersonationCommand, MintResult, SubjectRef
 from ..errors import (
     Forbidden,
     GatewayError,
@@ -92,6 +92,14 @@ def _describe(error: GatewayError) -> tuple[str, str, str]:
             return "not_found", "Not Found", "Reseller not found."
         case NotFound():
             return "not_found", "Not Found", "Account not found."
+        case Invalid(field="reason", reason="missing"):
+            return "invalid_parameter", "Bad Request", f"The {REASON_HEADER} header is required."
+        case Invalid(field="reason"):
+            return (
+                "invalid_parameter",
+                "Bad Request",
+                f"The {REASON_HEADER} header must be {REASON_MAX} printable characters at most.",
+            )
         case Invalid(field=field, reason="missing"):
             return "invalid_parameter", "Bad Request", f"The {field} parameter is required."
         case Invalid(field=field):

@@ -46,8 +46,8 @@ class Entry:
     solution: str
 
 
-# Every code this dialect answers with. ER700-ER999 are the seed's texts, word for word; ER920-ER923
-# are the gateway's own (the seed has no rate-limit, body-size, body-encoding or timeout error).
+# Every code this dialect answers with. ER700-ER999 are the seed's texts, word for word; ER920-ER925
+# are the gateway's own (the seed has no rate-limit, body-size, body-encoding, timeout or reason error).
 CATALOGUE: dict[str, Entry] = {
     "ER700": Entry(400, "User authorization token not found.", "Provide a user authorization token."),
     "ER701": Entry(
@@ -99,6 +99,10 @@ CATALOGUE: dict[str, Entry] = {
         "Send the body without a Content-Encoding, or with gzip or deflate.",
     ),
     "ER923": Entry(408, "Request body not received in time.", "Send the whole request body without pausing."),
+    "ER924": Entry(400, "Impersonation reason not found.", "Say why in the X-Impersonation-Reason header."),
+    "ER925": Entry(
+        400, "Impersonation reason is invalid.", "Send one X-Impersonation-Reason of 200 printable characters at most."
+    ),
     "ER999": Entry(500, "A general error has occurred. Please contact our support team.", "Contact our support team."),
 }
 
@@ -194,6 +198,10 @@ def _code(error: GatewayError) -> str:
             # A known credential whose role may not mint (or whose scope excludes the user): the seed has no
             # "forbidden" code, and to BTC Direct such a credential is simply not a valid partner token.
             return "ER800"
+        case Invalid(field="reason", reason="missing"):
+            return "ER924"
+        case Invalid(field="reason"):
+            return "ER925"
         case Invalid(field="identifier", reason="mismatch"):
             return "ER703"
         case Invalid(field="user_identifier"):

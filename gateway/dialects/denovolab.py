@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from ..config import AppConfig
-from ..core import ImpersonationCommand, MintResult, SubjectRef
+from ..core import REASON_HEADER, ImpersonationCommand, MintResult, SubjectRef
 from ..directory import Subject
 from ..errors import (
     Forbidden,
@@ -44,6 +44,7 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 _MAX_ID = 2**63 - 1  # a bigint column: anything larger cannot name a client
 
 # Validation messages as marshmallow words them, by Invalid.reason.
+_FIELDS = {"reason": REASON_HEADER}  # fields that are headers here, under the header's name
 _MESSAGES = {
     "missing": "Missing data for required field.",
     "null": "Field may not be null.",
@@ -91,7 +92,7 @@ class Denovolab(Dialect):
                 body: dict[str, Any] = {
                     "error_type": "validation_error",
                     "success": False,
-                    "errors": [{field: [_MESSAGES.get(reason, "Invalid value.")]}],
+                    "errors": [{_FIELDS.get(field, field): [_MESSAGES.get(reason, "Invalid value.")]}],
                 }
             case NotFound():
                 body = {"error_type": "Object not found error", "success": False}

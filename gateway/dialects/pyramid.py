@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import AppConfig
-from ..core import ImpersonationCommand, MintResult, SubjectRef
+from ..core import REASON_HEADER, REASON_MAX, ImpersonationCommand, MintResult, SubjectRef
 from ..errors import (
     Forbidden,
     GatewayError,
@@ -134,6 +134,10 @@ def _describe(error: GatewayError) -> tuple[int, str]:
             return 400, "domain does not match the domain in userIdentity"
         case Invalid(field="identity", reason="ambiguous"):
             return 400, "userIdentity matches more than one user; give the domain"
+        case Invalid(field="reason", reason="missing"):
+            return 400, f"Missing {REASON_HEADER} header"
+        case Invalid(field="reason"):
+            return 400, f"{REASON_HEADER} must be {REASON_MAX} printable characters at most"
         case Invalid(field=field, reason="missing"):
             return 400, f"Missing {field}"
         case Invalid(field="data", reason="type"):
