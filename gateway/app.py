@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import body as bodies
 from .admin import create_admin_app
-from .assertion import Signer, load_key
+from .assertion import Signer, load_key, load_public_key
 from .config import Config
 from .core import REASON_HEADER, Gateway, parse_reason
 from .dialects import Dialect, HttpRequest, all_dialects
@@ -72,7 +72,8 @@ def create_app(
         else:
             log.warning("assertion_key_ephemeral", detail="no assertion.private_key_file: a new key for this process")
             key = Ed25519PrivateKey.generate()
-    app[SIGNER] = Signer(key, config.server.public_url.rstrip("/"), config.assertion.ttl_seconds)
+    previous = [load_public_key(path) for path in config.assertion.previous_key_files]
+    app[SIGNER] = Signer(key, config.server.public_url.rstrip("/"), config.assertion.ttl_seconds, previous)
     app[OPENAPI] = openapi_document()
     app.cleanup_ctx.append(_store_ctx(redis))
     app.cleanup_ctx.append(_proxy_ctx)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 
 def _b64url(data: bytes) -> str:
@@ -40,16 +41,54 @@ def load_key(path: str | Path) -> Ed25519PrivateKey:
     return key
 
 
-class Signer:
-    """Signs assertions with one Ed25519 key; ``kid`` is derived from the public key."""
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    """The Ed25519 public key of a PEM file holding either half (a previous signing key, or only its public
+    part); ``ValueError`` says what is wrong with the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    key: Any
+    try:
+        if b"PRIVATE KEY" in data:
+            key = serialization.load_pem_private_key(data, password=None).public_key()
+        else:
+            key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not an unencrypted PEM key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
+    return key
 
-    def __init__(self, key: Ed25519PrivateKey, issuer: str, ttl_seconds: int) -> None:
+
+def _raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    """A key's ``kid``: derived from the public key, so every process that shares the key agrees on it."""
+    return _b64url(hashlib.sha256(_raw(key)).digest()[:12])
+
+
+def jwk(key: Ed25519PublicKey) -> dict[str, str]:
+    return {"kty": "OKP", "crv": "Ed25519", "x": _b64url(_raw(key)), "kid": key_id(key), "alg": "EdDSA", "use": "sig"}
+
+
+class Signer:
+    """Signs assertions with one Ed25519 key; the JWKS also publishes ``previous`` keys (after the signing
+    one), so assertions signed before a key rotation still verify."""
+
+    def __init__(
+        self, key: Ed25519PrivateKey, issuer: str, ttl_seconds: int, previous: Sequence[Ed25519PublicKey] = ()
+    ) -> None:
         self._key = key
         self.issuer = issuer
         self.ttl_seconds = ttl_seconds
-        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        self._public_x = _b64url(raw)
-        self.kid = _b64url(hashlib.sha256(raw).digest()[:12])
+        self.kid = key_id(key.public_key())
+        keys = {self.kid: jwk(key.public_key())}
+        for old in previous:
+            keys.setdefault(key_id(old), jwk(old))
+        self._jwks = json.dumps({"keys": list(keys.values())}).encode()
 
     def sign(self, claims: dict[str, Any], now: int) -> str:
         """A JWT with ``claims`` plus ``iss``, ``iat`` and ``exp`` (``now`` + the assertion TTL)."""
@@ -57,11 +96,7 @@ class Signer:
         return jwt.encode(payload, self._key, algorithm="EdDSA", headers={"kid": self.kid})
 
     def jwks(self) -> dict[str, Any]:
-        return {
-            "keys": [
-                {"kty": "OKP", "crv": "Ed25519", "x": self._public_x, "kid": self.kid, "alg": "EdDSA", "use": "sig"}
-            ]
-        }
+        return dict(json.loads(self._jwks))
 
     def jwks_json(self) -> bytes:
-        return json.dumps(self.jwks()).encode()
+        return self._jwks

@@ -66,6 +66,7 @@ class DirectoryConfig:
 class AssertionConfig:
     private_key_file: Path | None = None
     ttl_seconds: int = 30
+    previous_key_files: tuple[Path, ...] = ()  # published in the JWKS after the signing key (a rotation)
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,13 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     return dataclasses.replace(
         config,
         directory=dataclasses.replace(config.directory, file=resolve(config.directory.file)),
-        assertion=dataclasses.replace(config.assertion, private_key_file=resolve(config.assertion.private_key_file)),
+        assertion=dataclasses.replace(
+            config.assertion,
+            private_key_file=resolve(config.assertion.private_key_file),
+            previous_key_files=tuple(
+                p if p.is_absolute() else base_dir / p for p in config.assertion.previous_key_files
+            ),
+        ),
     )
 
 
