@@ -33,7 +33,7 @@ from .carriers import Carriers, Found, query_pairs, strip_body, strip_cookies, s
 from .config import AppConfig, Config
 from .core import Gateway
 from .dialects import Dialect, Where
-from .errors import GatewayError, RequestTimeout
+from .errors import GatewayError, GrantRefused, RequestTimeout
 from .logging import REQUEST_ID, bind_request
 from .proxy import ASSERTION_HEADER, Proxy, Upstream
 from .routing import Route, Target
@@ -117,7 +117,7 @@ class Redeemer:
                 try:
                     self.gateway.refuse(first.name, "method", client, request_id)
                 except GatewayError as exc:
-                    return dialect.error_response(exc)
+                    return _refusal(request, dialect, exc, first)
             try:
                 live = await self.gateway.live(f.offer.token for f in found)
             except Exception as exc:
@@ -202,12 +202,67 @@ _FORM = "application/x-www-form-urlencoded"
 
 
 def _refusal(request: web.Request, dialect: Dialect, exc: Exception, app: AppConfig) -> web.Response:
-    """The dialect's answer for ``exc``; anything but a GatewayError is logged and answered as the dialect's 500."""
+    """The dialect's answer for ``exc`` (a page for a browser when a grant is refused); anything but a GatewayError
+    is logged and answered as the dialect's 500."""
     if not isinstance(exc, GatewayError):
         bind_request(request)
         log.exception("unhandled_error", app=app.name, dialect=app.dialect)
         exc = GatewayError()
+    if isinstance(exc, GrantRefused) and prefers_html(request.headers.get("Accept", "")):
+        return refusal_page(exc.status)
     return dialect.error_response(exc)
+
+
+_HTML_TYPES = ("text/html", "application/xhtml+xml")
+
+
+def prefers_html(accept: str) -> bool:
+    """Whether an ``Accept`` header names HTML with a quality no lower than any other type it names (wildcards
+    are not a preference: ``*/*`` from an API client keeps the dialect's answer)."""
+    html = other = 0.0
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        media = media.lower()
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    quality = 0.0
+        if media in _HTML_TYPES:
+            html = max(html, quality)
+        elif media and "*" not in media:
+            other = max(other, quality)
+    return html > 0 and html >= other
+
+
+_REFUSAL_PAGE = (
+    '<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">'
+    '<meta name="viewport" content="width=device-width, initial-scale=1">'
+    "<title>This sign-in link cannot be used</title><style>body{font:16px/1.5 system-ui,sans-serif;max-width:32em;"
+    "margin:4em auto;padding:0 1em;color:#222}h1{font-size:1.4em}</style></head><body>"
+    "<h1>This sign-in link cannot be used</h1>"
+    "<p>It has already been used, or it has expired. Sign-in links work once, for a short time.</p>"
+    "<p>Ask for a new link where you got this one.</p></body></html>"
+)
+
+
+def refusal_page(status: int) -> web.Response:
+    """What a browser sees for a refused grant: the same status, and words instead of an API error body."""
+    return web.Response(
+        status=status,
+        text=_REFUSAL_PAGE,
+        content_type="text/html",
+        charset="utf-8",
+        headers={
+            "Cache-Control": "no-store",
+            "Referrer-Policy": "no-referrer",
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
 
 
 def _is_websocket(request: web.Request) -> bool:
