@@ -24,6 +24,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import body as bodies
+from . import native
 from .admin import create_admin_app
 from .assertion import Signer, load_key, load_public_key
 from .config import Config
@@ -175,6 +176,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if operation is not None and (operation[1] or request.app[ROUTER].host_apps(request.host) is None):
             request[KIND] = "ops"
             response = await operation[0](request)
+        elif request.path == native.PATH and request.app[ROUTER].host_apps(request.host) is None:
+            request[KIND] = "mint"
+            config = request.app[CONFIG]
+            client = client_address(request.remote or "unknown", request.headers.getall("X-Forwarded-For", ()),
+                                    config.server.trusted_proxies)  # fmt: skip
+            response = await native.mint(request, config, request.app[GATEWAY], request.app[DIALECTS], client,
+                                         request_id)  # fmt: skip
         else:
             response = await dispatch(request)
         status = response.status

@@ -111,6 +111,7 @@ class AppConfig:
     mint_roles: tuple[str, ...] = ()
     redeem_on_get: bool = False
     require_reason: bool = False  # a mint without X-Impersonation-Reason (native: reason) is refused
+    supersede: bool = False  # a new grant for an actor and a subject revokes their earlier live ones
     connect_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 300.0  # the longest pause in the upstream's answer; 0 = none
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import re
 import secrets
 import time
@@ -37,7 +38,7 @@ from .directory import (
 from .errors import Forbidden, GrantRefused, Invalid, NotFound, RateLimited, StoreUnavailable, Unauthenticated
 from .logging import log_event
 from .metrics import Metrics
-from .store import LoadSummary, LoadUnderWay, Store
+from .store import LoadSummary, LoadUnderWay, Pair, Store
 
 log = structlog.get_logger("gateway")
 
@@ -68,6 +69,7 @@ class ImpersonationCommand:
     extra_scopes: tuple[str, ...] = ()  # further grants for the same subject, each with its own scope
     credential_name: str = "actor"  # which header or field held the credential, for the dialect's errors
     reason: str | None = None  # why the actor impersonates (a ticket, a sentence): audit events and the assertion
+    ttl_seconds: int | None = None  # a shorter grant than the app's grant_ttl_seconds (the native API)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Grant:
     scope: str | None = None
     bound: Mapping[str, str] = field(default_factory=dict)
     reason: str | None = None
+    family: str | None = None  # the id of the mint's first grant, for the further grants of the same mint
 
     def to_json(self) -> bytes:
         return orjson.dumps({k: v for k, v in self.__dict__.items() if v is not None and v != {}})
@@ -121,6 +124,15 @@ def parse_reason(values: Sequence[str]) -> str | None:
     if len(reason) > REASON_MAX or not reason.isprintable():
         raise Invalid("reason", "value")
     return reason or None
+
+
+def grant_id(token: str) -> str:
+    """A grant's id: the first 96 bits of its token's SHA-256, base64url (16 characters). It names the grant in
+    the store, the logs and the assertion (``jti``); the token cannot be found from it."""
+    return base64.urlsafe_b64encode(hashlib.sha256(token.encode()).digest()[:12]).decode()
+
+
+GRANT_ID_SHAPE = re.compile(r"[A-Za-z0-9_-]{16}")
 
 
 # What a grant token looks like: 24 random bytes, base64url without padding. Only such a value in a carrier
@@ -317,8 +329,10 @@ class Gateway:
                                        **_request(request_id)})  # fmt: skip
             raise
         now = int(time.time())
-        token, grant = self._new_grant(app, cmd, principal, subject, now, scope=None)
-        extra = {scope: self._new_grant(app, cmd, principal, subject, now, scope=scope) for scope in cmd.extra_scopes}
+        ttl = cmd.ttl_seconds or app.grant_ttl_seconds
+        token, grant = self._new_grant(app, cmd, principal, subject, now, ttl, scope=None)
+        extra = {scope: self._new_grant(app, cmd, principal, subject, now, ttl, scope=scope, family=grant.id)
+                 for scope in cmd.extra_scopes}  # fmt: skip
         event = {
             "grant_id": grant.id,
             "app": app.name,
@@ -329,24 +343,26 @@ class Gateway:
         }
         if cmd.reason is not None:
             event["reason"] = cmd.reason
-        ttl_ms = app.grant_ttl_seconds * 1000
+        pair = None
+        if app.supersede:  # this grant becomes the only one of its actor and subject that redeems
+            pair = Pair(self.store.pair_key(app.name, principal.id, subject.id), app.grant_ttl_seconds * 1000)
         await self.store.put_grants(
-            [(credential_hash(t), g.to_json(), ttl_ms) for t, g in [(token, grant), *extra.values()]],
-            {"event": "grant_minted", **event},
-        )
+            app.name, [(g.id, g.to_json(), ttl * 1000) for g in [grant, *(g for _, g in extra.values())]],
+            {"event": "grant_minted", **event}, pair,
+        )  # fmt: skip
         self.metrics.count_minted(app.name, app.dialect, 1 + len(extra))
         log_event("grant_minted", {"audit": True, "role": principal.role, "expires_at": grant.expires_at, **event,
                                    **_request(request_id)})  # fmt: skip
         return MintResult(token=token, grant=grant, subject=subject, extra=extra)
 
     def _new_grant(
-        self, app: AppConfig, cmd: ImpersonationCommand, principal: Principal, subject: Subject, now: int,
-        scope: str | None,
+        self, app: AppConfig, cmd: ImpersonationCommand, principal: Principal, subject: Subject, now: int, ttl: int,
+        scope: str | None, family: str | None = None,
     ) -> tuple[str, Grant]:  # fmt: skip
         bound = {name: str(getattr(subject, name)) for name in cmd.bind if getattr(subject, name) is not None}
-        random = secrets.token_bytes(TOKEN_BYTES + 9)  # one draw: 192 bits of token, 72 of grant id
+        token = base64.urlsafe_b64encode(secrets.token_bytes(TOKEN_BYTES)).decode()
         grant = Grant(
-            id=base64.urlsafe_b64encode(random[TOKEN_BYTES:]).decode(),
+            id=grant_id(token),
             app=app.name,
             dialect=app.dialect,
             subject=subject.id,
@@ -354,14 +370,15 @@ class Gateway:
             role=principal.role,
             actor_key=principal.credential_sha256[:16],
             issued_at=now,
-            expires_at=now + app.grant_ttl_seconds,
+            expires_at=now + ttl,
             email=subject.email,
             custom_data=cmd.custom_data,
             scope=scope,
             bound=bound,
             reason=cmd.reason,
+            family=family,
         )
-        return base64.urlsafe_b64encode(random[:TOKEN_BYTES]).decode(), grant
+        return token, grant
 
     async def _authorise(self, app: AppConfig, cmd: ImpersonationCommand, request_id: str) -> tuple[Principal, Subject]:
         if cmd.credential is None:
@@ -376,6 +393,8 @@ class Gateway:
             raise Forbidden("role")
         if app.require_reason and cmd.reason is None:
             raise Invalid("reason", "missing")
+        if cmd.ttl_seconds is not None and not 0 < cmd.ttl_seconds <= app.grant_ttl_seconds:
+            raise Invalid("ttl_seconds", "value")
         reseller = cmd.reseller
         if principal.reseller is not None or reseller is not None:
             # ActivePlatform: the path reseller must be the principal's or downstream of it, and the
@@ -474,7 +493,7 @@ class Gateway:
         passive carriers were offered and none held a grant, this is no redemption: None.
         """
         tokens = list(dict.fromkeys(o.token for o in offers))
-        consumed = await asyncio.gather(*(self.store.consume(credential_hash(t)) for t in tokens))
+        consumed = await asyncio.gather(*(self.store.consume(grant_id(t)) for t in tokens))
         first = self.config.app(offers[0].app)
         grants: list[tuple[str, Grant]] = []
         for token, found in zip(tokens, consumed, strict=True):
@@ -516,7 +535,14 @@ class Gateway:
             or principal.role not in app.roles_allowed_to_mint
         ):
             self._refuse(app, "revoked", client, grant, request_id)
-        subject = await self.directory.subject(app.name, grant.subject)
+        if app.supersede:  # the subject, and whether a newer grant of the same actor and subject came since
+            pair = self.store.pair_key(app.name, grant.actor, grant.subject)
+            subject, newest = await asyncio.gather(self.directory.subject(app.name, grant.subject),
+                                                   self.store.newest(pair))  # fmt: skip
+            if newest is not None and newest != (grant.family or grant.id):
+                self._refuse(app, "superseded", client, grant, request_id)
+        else:
+            subject = await self.directory.subject(app.name, grant.subject)
         if subject is None or not subject.active:  # removed, or deactivated, since the grant was minted
             self._refuse(app, "revoked", client, grant, request_id)
         claims: dict[str, Any] = {
@@ -541,10 +567,46 @@ class Gateway:
         log_event("grant_redeemed", {"audit": True, **event, **_request(request_id)})
         return Redemption(app=app.name, grant=grant, token=token, assertion=assertion)
 
+    # -- revocation ---------------------------------------------------------------------------------
+    async def revoke_grant(self, grant_id: str, by: str) -> Grant | None:
+        """Revoke the live grant ``grant_id`` (its redemption gets the ordinary refusal); None when no live grant
+        has that id. ``by`` names who revoked it, for the audit."""
+        data = await self.store.revoke(grant_id) if GRANT_ID_SHAPE.fullmatch(grant_id) else None
+        if data is None:
+            return None
+        grant = Grant.from_json(data)
+        await self.store.unindex(grant.app, [grant.id])
+        await self._audit_revoked([grant], by)
+        return grant
+
+    async def revoke(self, app: str, by: str, actor: str | None = None, subject: str | None = None) -> int:
+        """Revoke every live grant of ``app`` (of one actor, one subject, or both); how many were live."""
+        revoked = 0
+        async for ids in self.store.live_grants(app):
+            grants = [Grant.from_json(v) for v in await self.store.grants(ids) if v is not None]
+            chosen = [
+                g for g in grants if (actor is None or g.actor == actor) and (subject is None or g.subject == subject)
+            ]
+            deleted = await self.store.delete_grants(app, [g.id for g in chosen])
+            gone = [g for g, was_live in zip(chosen, deleted, strict=True) if was_live]
+            await self._audit_revoked(gone, by)
+            revoked += len(gone)
+        log_event("grants_revoked", {"audit": True, "app": app, "actor": actor, "subject": subject,
+                                     "revoked": revoked, "by": by})  # fmt: skip
+        return revoked
+
+    async def _audit_revoked(self, grants: Sequence[Grant], by: str) -> None:
+        events = [{"event": "grant_revoked", "grant_id": g.id, "app": g.app, "dialect": g.dialect, "actor": g.actor,
+                   "subject": g.subject, "by": by} for g in grants]  # fmt: skip
+        await self.store.append_audits(events)
+        for event, grant in zip(events, grants, strict=True):
+            self.metrics.revoked.labels(grant.app).inc()
+            log_event("grant_revoked", {"audit": True, **event})
+
     async def live(self, tokens: Iterable[str]) -> set[str]:
         """The tokens among ``tokens`` that hold a live grant, without consuming any (one round trip)."""
         tokens = list(dict.fromkeys(tokens))
-        found = await self.store.live([credential_hash(t) for t in tokens])
+        found = await self.store.live([grant_id(t) for t in tokens])
         return {t for t, is_live in zip(tokens, found, strict=True) if is_live}
 
     def refuse(self, app_name: str, reason: str, client: str, request_id: str = "") -> NoReturn:

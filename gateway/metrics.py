@@ -33,6 +33,9 @@ class Metrics:
             ["app"],
             registry=self.registry,
         )
+        self.revoked = Counter(
+            "gateway_grants_revoked", "Live grants revoked on the admin listener.", ["app"], registry=self.registry
+        )
         self.latency = Latency()
         self.registry.register(self.latency)
 

@@ -4,7 +4,8 @@
 ``upstream`` blocks, ``map``s and ``server`` blocks. nginx then routes by ``hosts`` and ``mount`` as the
 gateway does, and sends to the gateway
 
-- each app's mint, info and body-carrier endpoints, ``/.well-known/jwks.json`` and ``/openapi.json``;
+- each app's mint, info and body-carrier endpoints, ``/.well-known/jwks.json`` and ``/openapi.json``, and on
+  the gateway's own host names the native API (``/v1/grants``);
 - any request holding a grant-shaped value in one of its route's carriers, spelled any way the gateway
   would read it (names in any case or percent-encoded, ``&`` or ``;``, every cookie, quoted values);
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from yarl import URL
 
+from . import native
 from .config import AppConfig, Config
 from .core import TOKEN_BYTES
 from .dialects import Carrier, Dialect, Endpoint, Where, template_regex
@@ -188,7 +190,8 @@ def _server(
         "",
     ]
     gateway_block = _gateway_headers(gateway_timeout)
-    for path in ("/.well-known/jwks.json", "/openapi.json"):
+    # The native API answers on the gateway's own host names: on a host an app lists, the path is the app's.
+    for path in ("/.well-known/jwks.json", "/openapi.json", *(() if hosts else (native.PATH,))):
         lines += [f"    location = {path} {{", *gateway_block, "    }"]
     for group in groups:
         endpoints = {e for app in group.apps for e in dialects[app.dialect].endpoints}

@@ -2,8 +2,10 @@
 
 Keys (all under ``store.prefix``; ``{...}`` is a Redis Cluster hash tag)::
 
-    grant:{<sha256 of token>}           a live grant, JSON, PX = grant TTL          SET NX PX / GETDEL
-    used:{<sha256 of token>}            tombstone of a redeemed grant (reuse alarm)  SET PX, in the redeem script
+    grant:{<grant id>}                  a live grant, JSON, PX = grant TTL          SET NX PX / GETDEL
+    used:{<grant id>}                   tombstone of a redeemed grant (reuse alarm)  SET PX, in the redeem script
+    {grants:<app>}:live                 the app's grant ids by expiry (revocation)   ZADD, ZSCAN, in the index script
+    {grants:<app>}:pair:<h>             the newest grant of an actor and a subject   SET PX (apps that supersede)
     {dir:<app>}:current                 the app's directory generation in use        SET (a load's last step), GET
     {dir:<app>}:loading                 the generation a load is writing (its lease)  SET NX PX, renewed per batch
     {dir:<app>}:<gen>:actors            principals and resellers, JSON, small        SET, GET
@@ -13,7 +15,9 @@ Keys (all under ``store.prefix``; ``{...}`` is a Redis Cluster hash tag)::
     audit                               bounded stream of mint/redeem events         XADD MAXLEN ~
     fail:<kind>:<fingerprint>           failed-credential counters                   INCR + EXPIRE
 
-A grant and its tombstone share a hash tag, so the redeem script touches one slot. All of an app's
+A grant's id is derived from its token (the first 96 bits of the token's SHA-256, base64url): the store never
+holds a token, and a grant can be found, and revoked, by its id. A grant and its tombstone share a hash tag,
+so the redeem script touches one slot. All of an app's
 directory keys share the app's tag: a subject and its index entries change together in one transaction,
 and a look-up's index and subjects sit on one node, even on a Cluster. A load writes a new generation
 beside the one in use and switches ``current`` to it last, so a reader sees all of the old directory or
@@ -27,7 +31,7 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +71,19 @@ if tomb then return {2, tomb} end
 return {0, false}
 """
 _REDEEM_SHA = hashlib.sha1(_REDEEM.encode()).hexdigest()
+
+# A mint's bookkeeping in its app's grant slot (KEYS[1]: the live index): drop the ids that expired, add the new
+# ones (ARGV[1] now, ARGV[2] the pair key or "", ARGV[3] the newest grant id for it, ARGV[4] the pair's PX, then
+# id and expiry pairs), and for an app that supersedes, name the newest grant of its actor and subject.
+_INDEX = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for i = 5, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+end
+if ARGV[2] ~= '' then redis.call('SET', ARGV[2], ARGV[3], 'PX', ARGV[4]) end
+return 1
+"""
+_INDEX_SHA = hashlib.sha1(_INDEX.encode()).hexdigest()
 
 # Write a batch of subjects into a new generation and count, against the previous one, the added, changed and
 # kept. ARGV: the app's key tag, the new generation, the previous one ("" when none), the lease's milliseconds,
@@ -239,9 +256,22 @@ class LoadSummary:
                 f"{self.removed} removed) in {self.seconds:.1f} s")  # fmt: skip
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _glob_escape(text: str) -> str:
     """``text`` as a literal in a SCAN MATCH pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """An app that supersedes: the key naming the newest grant of an actor and a subject, and how long it lives
+    (the app's longest grant TTL: every grant it supersedes is expired by then)."""
+
+    key: str
+    ttl_ms: int
 
 
 @dataclass(frozen=True)
@@ -315,11 +345,18 @@ class Store:
         self._pipeline = AutoPipeline(redis, timeout * 1.5)
 
     # -- keys ---------------------------------------------------------------------------------------
-    def grant_key(self, token_hash: str) -> str:
-        return f"{self.prefix}grant:{{{token_hash}}}"
+    def grant_key(self, grant_id: str) -> str:
+        return f"{self.prefix}grant:{{{grant_id}}}"
 
-    def tombstone_key(self, token_hash: str) -> str:
-        return f"{self.prefix}used:{{{token_hash}}}"
+    def tombstone_key(self, grant_id: str) -> str:
+        return f"{self.prefix}used:{{{grant_id}}}"
+
+    def live_key(self, app: str) -> str:
+        return f"{self.prefix}{{grants:{app}}}:live"
+
+    def pair_key(self, app: str, actor: str, subject: str) -> str:
+        pair = hashlib.sha256(f"{actor}\0{subject}".encode()).hexdigest()[:32]
+        return f"{self.prefix}{{grants:{app}}}:pair:{pair}"
 
     def current_key(self, app: str) -> str:
         return f"{self.prefix}{{dir:{app}}}:current"
@@ -383,27 +420,39 @@ class Store:
         await self.redis.aclose()
 
     # -- grants -------------------------------------------------------------------------------------
-    async def put_grants(self, grants: Iterable[tuple[str, bytes, int]], audit: Mapping[str, str]) -> None:
-        """Store each ``(token_hash, grant_json, ttl_ms)`` with ``SET NX PX`` and append ``audit`` to the stream,
-        all in one pipeline (one round trip).
+    async def put_grants(
+        self, app: str, grants: Iterable[tuple[str, bytes, int]], audit: Mapping[str, str], pair: Pair | None = None
+    ) -> None:
+        """Store each ``(grant_id, grant_json, ttl_ms)`` of ``app`` with ``SET NX PX``, index them for revocation
+        (and, with ``pair``, make the first the newest of its actor and subject), and append ``audit`` to the
+        stream, all in one pipeline (one round trip).
 
         Audit fails closed: if the append fails, the grants just stored are deleted and the call raises
         :class:`StoreUnavailable`, so no grant is handed out unaudited.
         """
         grants = list(grants)
         submit = self._pipeline.submit
-        futures = [submit("SET", self.grant_key(h), value, "NX", "PX", ttl_ms) for h, value, ttl_ms in grants]
+        now_ms = int(time.time() * 1000)
+        index: list[Any] = [now_ms, "", "", 0] if pair is None else [now_ms, pair.key, grants[0][0], pair.ttl_ms]
+        for grant_id, _, ttl_ms in grants:
+            index += [grant_id, now_ms + ttl_ms]
+        futures = [submit("SET", self.grant_key(g), value, "NX", "PX", ttl_ms) for g, value, ttl_ms in grants]
+        futures.append(submit("EVALSHA", _INDEX_SHA, 1, self.live_key(app), *index))
         futures.append(submit(*self._xadd(audit)))
         results = await asyncio.gather(*futures, return_exceptions=True)
-        if any(r not in (True, b"OK", "OK") for r in results[:-1]) or isinstance(results[-1], BaseException):
-            # A collision of 192 random bits is not going to happen; a failed audit append can.
+        if isinstance(results[-2], NoScriptError):  # a restarted or flushed Redis: EVAL caches the script again
+            results[-2] = await asyncio.gather(submit("EVAL", _INDEX, 1, self.live_key(app), *index),
+                                               return_exceptions=True)  # fmt: skip
+        stored = all(r in (True, b"OK", "OK") for r in results[:-2])
+        if not stored or any(isinstance(r, BaseException) for r in results[-2:]):
+            # A collision of 96-bit ids is not going to happen; a failed index or audit append can.
             with suppress(StoreUnavailable):
-                await self._many(("DEL", self.grant_key(h)) for h, _, _ in grants)  # one slot each
+                await self._many(("DEL", self.grant_key(g)) for g, _, _ in grants)  # one slot each
             raise StoreUnavailable()
 
-    async def consume(self, token_hash: str) -> Consumed:
+    async def consume(self, grant_id: str) -> Consumed:
         """Atomically take the grant (GETDEL) and leave its tombstone: one script, one round trip."""
-        keys = (self.grant_key(token_hash), self.tombstone_key(token_hash))
+        keys = (self.grant_key(grant_id), self.tombstone_key(grant_id))
         try:
             state, value = await self._pipeline.submit("EVALSHA", _REDEEM_SHA, 2, *keys, TOMBSTONE_MS)
         except NoScriptError:  # a restarted or flushed Redis: EVAL caches the script again
@@ -412,12 +461,53 @@ class Store:
             raise StoreUnavailable() from exc
         return Consumed({1: "redeemed", 2: "reused"}.get(int(state), "unknown"), value or None)
 
-    async def live(self, token_hashes: Iterable[str]) -> list[bool]:
+    async def live(self, grant_ids: Iterable[str]) -> list[bool]:
         """Whether each grant is live, consuming nothing (EXISTS each, auto-pipelined: one round trip)."""
-        return [bool(n) for n in await self._many(("EXISTS", self.grant_key(h)) for h in token_hashes)]
+        return [bool(n) for n in await self._many(("EXISTS", self.grant_key(g)) for g in grant_ids)]
+
+    async def newest(self, pair: str) -> str | None:
+        """The id of the newest grant of an actor and a subject (an app that supersedes), if one is live."""
+        value = await self._one("GET", pair)
+        return None if value is None else bytes(value).decode()
+
+    # -- revocation ---------------------------------------------------------------------------------
+    async def revoke(self, grant_id: str) -> bytes | None:
+        """Delete the live grant ``grant_id``; its JSON, or None when no live grant has that id."""
+        return await self._one("GETDEL", self.grant_key(grant_id))  # type: ignore[no-any-return]
+
+    async def live_grants(self, app: str, batch: int = 1000) -> AsyncIterator[list[str]]:
+        """The ids in ``app``'s live index that have not expired, a batch at a time (ZSCAN: a grant indexed
+        before the scan began and still there at its end is seen once at least)."""
+        key, cursor, now_ms = self.live_key(app), 0, time.time() * 1000
+        while True:
+            async with self._call():
+                cursor, pairs = await self.redis.zscan(key, cursor, count=batch)
+            ids = [_text(member) for member, score in pairs if float(score) > now_ms]
+            if ids:
+                yield ids
+            if cursor == 0:
+                return
+
+    async def grants(self, grant_ids: Sequence[str]) -> list[bytes | None]:
+        """The JSON of each grant (None for one no longer live), consuming nothing: one round trip."""
+        return await self._many(("GET", self.grant_key(g)) for g in grant_ids)
+
+    async def delete_grants(self, app: str, grant_ids: Sequence[str]) -> list[bool]:
+        """Delete each grant; whether each was live (a grant redeemed meanwhile was not). Drops the ids from the
+        app's live index too."""
+        deleted = await self._many(("DEL", self.grant_key(g)) for g in grant_ids)
+        await self.unindex(app, grant_ids)
+        return [bool(n) for n in deleted]
+
+    async def unindex(self, app: str, grant_ids: Sequence[str]) -> None:
+        if grant_ids:
+            await self._one("ZREM", self.live_key(app), *grant_ids)
 
     async def append_audit(self, event: Mapping[str, str]) -> None:
         await self._one(*self._xadd(event))
+
+    async def append_audits(self, events: Iterable[Mapping[str, str]]) -> None:
+        await self._many(self._xadd(e) for e in events)
 
     def _xadd(self, event: Mapping[str, str]) -> tuple[Any, ...]:
         return ("XADD", self.audit_key, "MAXLEN", "~", AUDIT_MAXLEN, "*", *(x for kv in event.items() for x in kv))

@@ -15,7 +15,8 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.assertion import generate_key_file
-from gateway.directory import credential_hash, parse_directory
+from gateway.core import grant_id
+from gateway.directory import parse_directory
 from gateway.errors import StoreUnavailable
 from gateway.store import Store, connect
 from tests import processes
@@ -59,12 +60,12 @@ async def commands_run(store: Store, port: int, *names: str) -> dict[str, int]:
     return {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in names}
 
 
-def hashes_on_distinct_nodes(store: Store, count: int) -> list[str]:
-    """Random grant hashes whose grant keys live on ``count`` different masters."""
+def ids_on_distinct_nodes(store: Store, count: int) -> list[str]:
+    """Random grant ids whose grant keys live on ``count`` different masters."""
     found: dict[int, str] = {}
     while len(found) < count:
-        token_hash = credential_hash(secrets.token_urlsafe(16))
-        found.setdefault(node_of(store, store.grant_key(token_hash)), token_hash)
+        grant = grant_id(secrets.token_urlsafe(24))
+        found.setdefault(node_of(store, store.grant_key(grant)), grant)
     return list(found.values())
 
 
@@ -90,8 +91,10 @@ async def test_every_store_operation_on_a_cluster(store: Store, cluster: Cluster
     assert sorted(s.id for s in subjects) == ["505", "707"]  # SUNION and MGET within the app's slot
 
     # Mint: two grants on two different masters and the audit entry, in one pipeline across slots.
-    first, second = hashes_on_distinct_nodes(store, 2)
-    await store.put_grants([(first, b'{"n":1}', 60_000), (second, b'{"n":2}', 60_000)], {"event": "grant_minted"})
+    first, second = ids_on_distinct_nodes(store, 2)
+    await store.put_grants(
+        "control-panel", [(first, b'{"n":1}', 60_000), (second, b'{"n":2}', 60_000)], {"event": "grant_minted"}
+    )
     assert [entry[1] for entry in await store.read_audit()] == [{b"event": b"grant_minted"}]
 
     # Redeem: the script (EVALSHA, loaded on demand on each master) touches one slot per grant.
@@ -99,12 +102,16 @@ async def test_every_store_operation_on_a_cluster(store: Store, cluster: Cluster
     assert (await store.consume(first)).grant == b'{"n":1}'
     assert (await store.consume(first)).state == "reused"
     assert (await store.consume(second)).grant == b'{"n":2}'
-    assert (await store.consume(credential_hash("never minted"))).state == "unknown"
+    assert (await store.consume(grant_id("never minted"))).state == "unknown"
     await store.append_audit({"event": "grant_redeemed"})
     assert len(await store.read_audit()) == 2
 
     # Failure counters: several keys on several masters, counted and read back in pipelines.
-    keys = [("client", "127.0.0.1"), *(("credential", h[:12]) for h in hashes_on_distinct_nodes(store, 3))]
+    fingerprints: dict[int, str] = {}
+    while len(fingerprints) < 3:  # credential fingerprints whose counters live on three masters
+        fingerprint = secrets.token_hex(6)
+        fingerprints.setdefault(node_of(store, store.failure_key("credential", fingerprint)), fingerprint)
+    keys = [("client", "127.0.0.1"), *(("credential", f) for f in fingerprints.values())]
     assert len({node_of(store, store.failure_key(kind, value)) for kind, value in keys}) >= 2
     assert await store.record_failure(keys, 60) == [1, 1, 1, 1]
     assert await store.record_failure(keys[:2], 60) == [2, 2]
@@ -116,9 +123,9 @@ async def test_every_store_operation_on_a_cluster(store: Store, cluster: Cluster
 
 async def test_a_failed_audit_append_removes_the_grants_from_every_master(store: Store) -> None:
     await store.redis.set(store.audit_key, "not a stream")  # XADD now fails with WRONGTYPE
-    hashes = hashes_on_distinct_nodes(store, 3)
+    hashes = ids_on_distinct_nodes(store, 3)
     with pytest.raises(StoreUnavailable):
-        await store.put_grants([(h, b"{}", 60_000) for h in hashes], {"event": "grant_minted"})
+        await store.put_grants("control-panel", [(h, b"{}", 60_000) for h in hashes], {"event": "grant_minted"})
     assert await asyncio.gather(*(store.redis.exists(store.grant_key(h)) for h in hashes)) == [0, 0, 0]
 
 

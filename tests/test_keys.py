@@ -113,9 +113,9 @@ def test_load_public_key_explains_a_bad_file(tmp_path: Path) -> None:
         load_public_key(garbage)
     ec = tmp_path / "ec.pem"
     ec.write_bytes(
-        generate_private_key(SECP256R1()).public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        generate_private_key(SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     with pytest.raises(ValueError, match="not an Ed25519 key"):
         load_public_key(ec)

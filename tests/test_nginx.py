@@ -397,6 +397,22 @@ async def test_every_dialect_mints_and_redeems_through_nginx(edge: Edge) -> None
         assert secret not in log
 
 
+async def test_the_native_api_through_nginx(edge: Edge) -> None:
+    before = edge.counts()
+    async with aiohttp.ClientSession(edge.url) as http:
+        async with http.post("/v1/grants", json={"app": "control-panel", "subject": "505"},
+                             headers={"Authorization": "Bearer vY5fwetestK3gJXZH5uHCw"}) as r:  # fmt: skip
+            assert r.status == 201, await r.text()
+            grant = await r.json()
+        link = grant["login_url"].split("/", 3)[3]
+        async with http.post("/" + link, data={"impersonation_confirm": "1"}) as r:
+            assert r.status == 200
+    assert edge.claims(edge.seen[-1], "control-panel")["jti"] == grant["grant_id"]
+    after = edge.counts()
+    assert after.get("mint", 0) - before.get("mint", 0) == 1
+    assert grant["token"] not in edge.access_log.read_text()
+
+
 async def test_ordinary_traffic_never_touches_the_gateway(edge: Edge) -> None:
     before = edge.counts()
     upload = os.urandom(3 * 1024 * 1024)

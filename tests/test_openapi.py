@@ -141,7 +141,7 @@ def test_description_is_valid_openapi_3_1() -> None:
     schemathesis.openapi.from_dict(copy.deepcopy(SPEC)).validate()  # against the OpenAPI 3.1 meta-schema
     assert SPEC["info"]["version"] == importlib.metadata.version("impersonation-gateway")
     for method, template, operation in operations():
-        assert set(operation["tags"]) & (DIALECT_TAGS | {"operations"}), f"{method} {template}: no dialect tag"
+        assert set(operation["tags"]) & (DIALECT_TAGS | {"operations", "native"}), f"{method} {template}: no tag"
         assert operation["operationId"]
 
 
@@ -243,6 +243,17 @@ def pyramid(
 
 def denovolab(status: int, body: Any, headers: Mapping[str, str] = DN_TOKEN, setup: str = "demo") -> Scenario:
     return Scenario(status, "POST", DN, headers, body if isinstance(body, bytes) else json.dumps(body).encode(), setup)
+
+
+NATIVE_AUTH = {"Authorization": "Bearer vY5fwetestK3gJXZH5uHCw"}
+
+
+def native(status: int, body: Any, credential: str | None = "vY5fwetestK3gJXZH5uHCw", setup: str = "demo") -> Scenario:
+    headers = {"Content-Type": "application/json"}
+    if credential is not None:
+        headers["Authorization"] = f"Bearer {credential}"
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return Scenario(status, "POST", "/v1/grants", headers, data, setup)
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -364,6 +375,25 @@ SCENARIOS: dict[str, Scenario] = {
     "with-token-415": Scenario(415, "POST", WITH_TOKEN, {"Content-Encoding": "compress"}, b"x"),
     "with-token-500": Scenario(500, "POST", WITH_TOKEN, {}, b'{"uuid": "u", "token": "t"}', setup="broken"),
     "with-token-503": Scenario(503, "POST", WITH_TOKEN, {}, b'{"uuid": "u", "token": "t"}', setup="down"),
+    # native
+    "native-201": native(201, {"app": "control-panel", "subject": "505", "reason": "ticket 1", "custom_data": [1]}),
+    "native-201-ttl": native(
+        201, {"app": "exchange", "subject": "u-1", "ttl_seconds": 5}, "btcdirect-partner-demo-token"
+    ),
+    "native-400-body": native(400, b"[1]"),
+    "native-400-field": native(400, {"app": "control-panel", "subject": "505", "ttl": 5}),
+    "native-400-app": native(400, {"app": "nope", "subject": "505"}),
+    "native-400-ttl": native(400, {"app": "control-panel", "subject": "505", "ttl_seconds": 3600}),
+    "native-401-missing": native(401, {"app": "control-panel", "subject": "505"}, None),
+    "native-401-unknown": native(401, {"app": "control-panel", "subject": "505"}, "guess"),
+    "native-403": native(403, {"app": "control-panel", "subject": "505"}, "marketing-manager-token"),
+    "native-404": native(404, {"app": "control-panel", "subject": "909"}),
+    "native-408": native(408, {"app": "control-panel", "subject": "505"}, setup="slow"),
+    "native-413": native(413, TOO_LARGE),
+    "native-415": Scenario(415, "POST", "/v1/grants", {**NATIVE_AUTH, "Content-Encoding": "br"}, b"\x1b\x00"),
+    "native-429": native(429, {"app": "control-panel", "subject": "505"}, setup="limited"),
+    "native-500": native(500, {"app": "control-panel", "subject": "505"}, setup="broken"),
+    "native-503": native(503, {"app": "control-panel", "subject": "505"}, setup="down"),
     # operations
     "healthz-200": Scenario(200, "GET", "/healthz"),
     "healthz-500": Scenario(500, "GET", "/healthz", setup="broken"),

@@ -12,7 +12,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway.app import create_app
-from gateway.directory import credential_hash, parse_directory
+from gateway.core import grant_id
+from gateway.directory import parse_directory
 from gateway.store import Store
 from tests.conftest import DIRECTORY, KEY, Upstream, make_config, start_redis
 
@@ -80,7 +81,7 @@ async def test_redis_killed_and_restarted_under_load(
         assert (await client.get("/readyz")).status == 200
         assert len(redeemed) == len(set(redeemed)) > 0
         store = Store(redis, prefix)
-        missing = [t for t in held if not await redis.exists(store.grant_key(credential_hash(t)))]
+        missing = [t for t in held if not await redis.exists(store.grant_key(grant_id(t)))]
         assert held and missing == [], f"{len(missing)} of {len(held)} grants handed out were not stored"
         jtis = [upstream.claims(i)["jti"] for i in range(len(upstream.requests))]
         assert len(jtis) == len(set(jtis)) == len(redeemed)

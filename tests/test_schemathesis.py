@@ -41,6 +41,7 @@ CREDENTIALS = {
     "activeplatformToken": {"api_key": "vY5fwetestK3gJXZH5uHCw"},
     "denovolabToken": {"api_key": "denovolab-demo-admin-token"},
     "btcdirectBearer": {"bearer": "btcdirect-partner-demo-token"},
+    "nativeBearer": {"bearer": "vY5fwetestK3gJXZH5uHCw"},
 }
 
 

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from gateway.assertion import generate_key_file
-from gateway.directory import credential_hash
+from gateway.core import grant_id
 from gateway.store import Store
 from tests import processes
 from tests.conftest import free_port
@@ -129,8 +129,8 @@ async def run_failover(
     try:
         store = Store(client, PREFIX)
         for token in [used_before[0], *after]:
-            assert await client.exists(store.tombstone_key(credential_hash(token))) == 1
-            assert await client.exists(store.grant_key(credential_hash(token))) == 0
+            assert await client.exists(store.tombstone_key(grant_id(token))) == 1
+            assert await client.exists(store.grant_key(grant_id(token))) == 0
         events = [entry[1][b"event"] for entry in await store.read_audit(count=100)]
         assert events.count(b"grant_redeemed") == 1 + len(after)
         assert (await client.execute_command("ROLE"))[0] == b"master"

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
+from urllib.parse import urlencode
 
 import orjson
 from aiohttp import web
@@ -131,6 +132,22 @@ class Dialect(ABC):
 
     def info(self, req: HttpRequest, app: AppConfig, public_url: str) -> web.Response:
         raise NotImplementedError
+
+    @functools.cached_property
+    def link_carrier(self) -> Carrier:
+        """The carrier of this dialect's login links (its query carrier)."""
+        return next(c for c in self.carriers if c.where is Where.QUERY and not c.passive)
+
+    @property
+    def link_bind(self) -> tuple[str, ...]:
+        """The subject fields a login link carries beside the grant (which the grant is then bound to)."""
+        return tuple(field for field, _ in self.link_carrier.bound)
+
+    def login_url(self, result: MintResult, app: AppConfig, public_url: str) -> str:
+        """The link that logs a browser in with ``result``'s grant: the app's root, with the link carrier."""
+        carrier = self.link_carrier
+        pairs = [(name, result.grant.bound[field]) for field, name in carrier.bound]
+        return f"{public_url}{app.mount}/?{urlencode([*pairs, (carrier.name, result.token)])}"
 
     def error_response(self, error: GatewayError) -> web.Response:
         """``render_error``, closing the connection after a body that stopped arriving (it may never end)."""
