@@ -1,27 +1,35 @@
 """The admin listener: its own address (``admin.host``, ``admin.port``), serving the same gateway.
 
 Every request needs ``Authorization: Bearer <token>`` of one of ``admin.tokens`` (kept as SHA-256 hashes, like
-every credential): a missing or unknown token is 401, a token without the scope the path needs 403, in SCIM's
-error shape. Paths: ``/scim/v2/{app}/...`` (scope ``scim``, :mod:`gateway.scim`).
+every credential): a missing or unknown token is 401, a token without the scope the path needs 403. Paths:
+
+- ``/scim/v2/{app}/...`` (scope ``scim``, :mod:`gateway.scim`), answering errors in SCIM's shape;
+- ``DELETE /v1/grants/{grant_id}`` and ``POST /v1/revocations`` (scope ``revoke``), answering errors as RFC 9457
+  problem details: a revoked grant gets the ordinary refusal at redemption.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from typing import Any
 
+import orjson
 import structlog
 from aiohttp import web
 
 from .config import Config
 from .core import Gateway
 from .dialects import bearer
+from .errors import GatewayError, Invalid
 from .logging import log_request
+from .native import error_problem, problem, read_json
 from .scim import Handler, Users, error_response, scim_errors
 
 log = structlog.get_logger("gateway")
 
-SCOPES = (("/scim/", "scim"),)  # path prefix -> the scope it needs
+SCOPES = (("/scim/", "scim"), ("/v1/", "revoke"))  # path prefix -> the scope it needs
+TOKEN = web.RequestKey("admin_token", str)  # the id of the admin token a request came with, for the audit
 
 
 def create_admin_app(config: Config, gateway: Gateway) -> web.Application:
@@ -38,16 +46,83 @@ def create_admin_app(config: Config, gateway: Gateway) -> web.Application:
     async def _authorised(request: web.Request, handler: Handler) -> web.StreamResponse:
         token = bearer(request.headers.get("Authorization"))
         entry = tokens.get(hashlib.sha256(token.encode()).hexdigest()) if token else None
+        native = request.path.startswith("/v1/")
         if entry is None:
-            response = error_response(401, "an admin bearer token is needed (Authorization: Bearer <token>)")
+            detail = "an admin bearer token is needed (Authorization: Bearer <token>)"
+            response = (
+                problem(401, "unauthenticated", "Unauthenticated", detail) if native else error_response(401, detail)
+            )
             response.headers["WWW-Authenticate"] = 'Bearer realm="impersonation-gateway admin"'
             return response
         needed = next((scope for prefix, scope in SCOPES if request.path.startswith(prefix)), None)
         if needed is not None and needed not in entry.scopes:
             log.info("admin_forbidden", token=entry.id, scope=needed, path=request.path)
-            return error_response(403, f"the token {entry.id!r} lacks the {needed!r} scope")
+            detail = f"the token {entry.id!r} lacks the {needed!r} scope"
+            return problem(403, "forbidden", "Forbidden", detail) if native else error_response(403, detail)
+        request[TOKEN] = entry.id
         return await handler(request)
 
-    app = web.Application(middlewares=[authorised, scim_errors], client_max_size=1_000_000)
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """SCIM's error shape on SCIM's paths, problem details on the others."""
+        if not request.path.startswith("/v1/"):
+            return await scim_errors(request, handler)
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            return error_problem(exc)
+        except web.HTTPNotFound:
+            return problem(404, "not-found", "Not found", "no such endpoint")
+        except web.HTTPMethodNotAllowed as exc:
+            return problem(
+                405, "method-not-allowed", "Method not allowed", "see Allow", Allow=",".join(exc.allowed_methods)
+            )
+        except Exception:
+            log.exception("unhandled_error", listener="admin", method=request.method, path=request.path)
+            return error_problem(GatewayError())
+
+    app = web.Application(middlewares=[authorised, errors], client_max_size=1_000_000)
     app.add_routes(Users(config, gateway).routes())
+    app.add_routes(Revocations(config, gateway).routes())
     return app
+
+
+class Revocations:
+    """``DELETE /v1/grants/{grant_id}``: one grant. ``POST /v1/revocations`` ``{"app", "actor"?, "subject"?}``: every
+    live grant of an app, of one of its actors, of one of its subjects, or of one actor and one subject."""
+
+    def __init__(self, config: Config, gateway: Gateway) -> None:
+        self.config = config
+        self.gateway = gateway
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.delete("/v1/grants/{grant_id}", self.revoke_grant), web.post("/v1/revocations", self.revoke)]
+
+    async def revoke_grant(self, request: web.Request) -> web.Response:
+        grant = await self.gateway.revoke_grant(request.match_info["grant_id"], by=request[TOKEN])
+        if grant is None:
+            return problem(404, "not-found", "Not found", "no live grant has that id")
+        return web.Response(status=204)
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        data = await read_json(request, self.config)
+        for name in data:
+            if name not in ("app", "actor", "subject"):
+                raise Invalid(name, "unknown")
+        app = data.get("app")
+        if app is None:
+            raise Invalid("app", "missing")
+        if not isinstance(app, str) or app not in {a.name for a in self.config.apps}:
+            raise Invalid("app", "value")
+        actor, subject = _optional_id(data, "actor"), _optional_id(data, "subject")
+        revoked = await self.gateway.revoke(app, request[TOKEN], actor=actor, subject=subject)
+        return web.Response(body=orjson.dumps({"revoked": revoked}), content_type="application/json")
+
+
+def _optional_id(data: dict[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
+        raise Invalid(name, "value")
+    return str(value).strip()

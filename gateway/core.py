@@ -596,9 +596,9 @@ class Gateway:
         return revoked
 
     async def _audit_revoked(self, grants: Sequence[Grant], by: str) -> None:
-        events = [{"event": "grant_revoked", "grant_id": g.id, "app": g.app, "dialect": g.dialect, "actor": g.actor,
-                   "subject": g.subject, "by": by} for g in grants]  # fmt: skip
-        await self.store.append_audits(events)
+        events = [{"grant_id": g.id, "app": g.app, "dialect": g.dialect, "actor": g.actor, "subject": g.subject,
+                   "by": by} for g in grants]  # fmt: skip
+        await self.store.append_audits({"event": "grant_revoked", **e} for e in events)
         for event, grant in zip(events, grants, strict=True):
             self.metrics.revoked.labels(grant.app).inc()
             log_event("grant_revoked", {"audit": True, **event})

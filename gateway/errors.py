@@ -27,7 +27,8 @@ class GatewayError(Exception):
 
 
 class Invalid(GatewayError):
-    """``field`` is missing (``reason="missing"``) or has a bad value (``reason="type"`` / ``"value"``)."""
+    """``field`` is missing (``reason="missing"``), has a bad value (``reason="type"`` / ``"value"``), or is no field
+    of the request (``"unknown"``)."""
 
     status = 400
 

@@ -43,10 +43,6 @@ FIELDS = ("app", "subject", "ttl_seconds", "reason", "custom_data")
 _TYPE = "urn:impersonation-gateway:problem:"
 
 
-class UnknownField(Invalid):
-    """A body field the API does not have (a typo should not pass silently)."""
-
-
 def problem(status: int, kind: str, title: str, detail: str, **headers: str) -> web.Response:
     """An RFC 9457 problem details answer."""
     body = {"type": _TYPE + kind, "title": title, "status": status, "detail": detail}
@@ -56,7 +52,7 @@ def problem(status: int, kind: str, title: str, detail: str, **headers: str) -> 
 def error_problem(error: GatewayError) -> web.Response:
     """Every gateway error as problem details."""
     match error:
-        case UnknownField(field=field):
+        case Invalid(field=field, reason="unknown"):  # a typo should not pass silently
             return problem(400, "invalid-request", "Invalid request", f"{field}: not a field of this request")
         case Invalid(field="body"):
             return problem(400, "invalid-request", "Invalid request", "the body must be a JSON object")
@@ -122,7 +118,7 @@ def command(data: dict[str, Any], credential: str | None, config: Config, dialec
     """The impersonation command in a native request; Invalid for a bad body."""
     for name in data:
         if name not in FIELDS:
-            raise UnknownField(name, "value")
+            raise Invalid(name, "unknown")
     app_name = data.get("app")
     if app_name is None:
         raise Invalid("app", "missing")

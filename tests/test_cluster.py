@@ -8,6 +8,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
@@ -18,7 +19,7 @@ from gateway.assertion import generate_key_file
 from gateway.core import grant_id
 from gateway.directory import parse_directory
 from gateway.errors import StoreUnavailable
-from gateway.store import Store, connect
+from gateway.store import Pair, Store, connect
 from tests import processes
 from tests.conftest import DIRECTORY, free_port
 from tests.redis_topologies import Cluster, start_cluster
@@ -106,6 +107,19 @@ async def test_every_store_operation_on_a_cluster(store: Store, cluster: Cluster
     await store.append_audit({"event": "grant_redeemed"})
     assert len(await store.read_audit()) == 2
 
+    # Revocation: grants on several masters, indexed in the app's slot; found, read and deleted across slots.
+    live = ids_on_distinct_nodes(store, 3)
+    pair = Pair(store.pair_key("control-panel", "mgr-1", "505"), 60_000)
+    await store.put_grants("control-panel", [(g, b'{"n":3}', 60_000) for g in live], {"event": "grant_minted"}, pair)
+    assert await store.newest(pair.key) == live[0]
+    assert node_of(store, pair.key) == node_of(store, store.live_key("control-panel"))
+    listed = [g async for batch in store.live_grants("control-panel", batch=2) for g in batch]
+    assert set(live) <= set(listed)
+    assert await store.revoke(live[0]) == b'{"n":3}' and await store.revoke(live[0]) is None
+    assert await store.grants(live[1:]) == [b'{"n":3}', b'{"n":3}']
+    assert await store.delete_grants("control-panel", live[1:]) == [True, True]
+    assert await store.delete_grants("control-panel", live[1:]) == [False, False]
+
     # Failure counters: several keys on several masters, counted and read back in pipelines.
     fingerprints: dict[int, str] = {}
     while len(fingerprints) < 3:  # credential fingerprints whose counters live on three masters
@@ -119,6 +133,10 @@ async def test_every_store_operation_on_a_cluster(store: Store, cluster: Cluster
     assert [int(c) for c in counts] == [2, 2, 1, 1]
     ttls = await asyncio.gather(*(store.redis.ttl(store.failure_key(kind, value)) for kind, value in keys))
     assert all(0 < ttl <= 60 for ttl in ttls), ttls
+
+
+def grant_id_of(link: str) -> str:
+    return grant_id(parse_qs(urlsplit(link).query)["user_token"][0])
 
 
 async def test_a_failed_audit_append_removes_the_grants_from_every_master(store: Store) -> None:
@@ -135,12 +153,14 @@ async def test_two_gateways_on_a_cluster_redeem_each_grant_exactly_once(
     upstream, seen = await recording_upstream(aiohttp_server)
     key = tmp_path / "signing.pem"
     generate_key_file(key)
-    ports = [free_port(), free_port()]
+    ports, admin_ports = [free_port(), free_port()], [free_port(), free_port()]
     apps = {"control-panel": {"dialect": "activeplatform", "upstream": upstream, "redeem_on_get": True}}
+    revoker = {"id": "ops", "token": "ops-token", "scopes": ["revoke"]}
     configs = [
         processes.write_config(tmp_path, cluster.url, port, apps=apps, prefix=store.prefix,
-                               assertion={"private_key_file": str(key)})
-        for port in ports
+                               assertion={"private_key_file": str(key)},
+                               admin={"port": admin, "tokens": [revoker]})
+        for port, admin in zip(ports, admin_ports, strict=True)
     ]  # fmt: skip
     procs = [processes.start(c) for c in configs]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
@@ -173,6 +193,19 @@ async def test_two_gateways_on_a_cluster_redeem_each_grant_exactly_once(
                 statuses = await asyncio.gather(*(attempt(urls[i % 2] + link) for i in range(ATTEMPTS_PER_GRANT)))
                 assert sorted(statuses) == [200] + [401] * (ATTEMPTS_PER_GRANT - 1), statuses
 
+            # Revoked through the other process's admin listener: one grant by id, then every one of an actor.
+            admins = [f"http://127.0.0.1:{p}" for p in admin_ports]
+            ops = {"Authorization": "Bearer ops-token"}
+            by_id, *by_actor = [await mint(urls[0]) for _ in range(4)]
+            grant_id = grant_id_of(by_id)
+            async with session.delete(f"{admins[1]}/v1/grants/{grant_id}", headers=ops) as response:
+                assert response.status == 204
+            async with session.post(f"{admins[1]}/v1/revocations", json={"app": "control-panel", "actor": "mgr-1"},
+                                    headers=ops) as response:  # fmt: skip
+                assert (response.status, await response.json()) == (200, {"revoked": 3})
+            for link in (by_id, *by_actor):
+                assert await attempt(urls[0] + link) == 401
+
             # A wrong credential is counted in the cluster.
             async with session.get(urls[0] + SEED, headers={"X-Api-Token": "wrong"}) as response:
                 assert response.status == 401
@@ -186,5 +219,6 @@ async def test_two_gateways_on_a_cluster_redeem_each_grant_exactly_once(
     assert len(tombstones) == redeemed
     assert len({node_of(store, k.decode()) for k in tombstones}) >= 2
     events = [entry[1][b"event"] for entry in await store.read_audit(count=1000)]
-    assert events.count(b"grant_minted") == redeemed and events.count(b"grant_redeemed") == redeemed
+    assert events.count(b"grant_minted") == redeemed + 4 and events.count(b"grant_redeemed") == redeemed
+    assert events.count(b"grant_revoked") == 4
     assert [k async for k in store.redis.scan_iter(match=f"{store.prefix}fail:*")]
