@@ -1,8 +1,9 @@
 """Demo downstream app: the web application behind the gateway.
 
-It trusts only the gateway's signed `X-Impersonation-Assertion` header: the assertion is
-checked against the gateway's JWKS, then turned into a `demo_session` cookie so that later
-requests stay signed in. Every page shows who is signed in and who impersonates them.
+It trusts only the gateway's signed `X-Impersonation-Assertion` header: `gateway.downstream`'s
+middleware checks it against the gateway's JWKS (audience, expiry, one use per `jti`), and it is then
+turned into a `demo_session` cookie so that later requests stay signed in. Every page shows who is
+signed in and who impersonates them.
 
     python demo/downstream.py --port 9001 --gateway http://127.0.0.1:8080
 """
@@ -20,13 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import jwt
 import orjson
 from aiohttp import web
 
-ASSERTION_HEADER = "X-Impersonation-Assertion"
+from gateway.downstream import Impersonation, Verifier, impersonation, middleware
+
 SESSION_COOKIE = "demo_session"
-REQUIRED_CLAIMS = ["exp", "iat", "sub", "aud", "jti", "iss"]
 
 
 @dataclass(frozen=True)
@@ -36,63 +36,8 @@ class Settings:
     issuer: str | None
 
 
-class InvalidAssertion(Exception):
-    """The assertion cannot be trusted; the message is the reason shown to the user."""
-
-
-class JwksCache:
-    """The gateway's public keys by kid: fetched on first use and again for an unknown kid."""
-
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
-        self._session = session
-        self._url = url
-        self._keys: dict[str, jwt.PyJWK] = {}
-
-    async def key_for(self, kid: str) -> jwt.PyJWK:
-        if kid not in self._keys:
-            # The gateway may have restarted with a new key: refetch before refusing.
-            await self._refresh()
-        try:
-            return self._keys[kid]
-        except KeyError:
-            raise InvalidAssertion(f"unknown key id {kid!r}") from None
-
-    async def _refresh(self) -> None:
-        try:
-            async with self._session.get(self._url) as response:
-                response.raise_for_status()
-                keyset = jwt.PyJWKSet.from_dict(await response.json())
-        except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as exc:
-            raise InvalidAssertion(f"cannot load gateway keys from {self._url}: {exc}") from exc
-        self._keys = {key.key_id: key for key in keyset.keys if key.key_id}
-
-
-SETTINGS = web.AppKey("settings", Settings)
-JWKS = web.AppKey("jwks", JwksCache)
 COOKIE_SECRET = web.AppKey("cookie_secret", bytes)
-
-
-async def verify_assertion(app: web.Application, token: str) -> dict[str, Any]:
-    """Return the claims of a gateway assertion, or raise InvalidAssertion."""
-    settings = app[SETTINGS]
-    try:
-        kid = jwt.get_unverified_header(token).get("kid")
-        if not isinstance(kid, str):
-            raise InvalidAssertion("no key id (kid) in header")
-        claims = jwt.decode(
-            token,
-            await app[JWKS].key_for(kid),
-            algorithms=["EdDSA"],
-            audience=settings.audiences,
-            issuer=settings.issuer,
-            options={"require": REQUIRED_CLAIMS},
-        )
-    except jwt.PyJWTError as exc:
-        raise InvalidAssertion(str(exc)) from exc
-    actor = claims.get("act")
-    if not isinstance(actor, dict) or not isinstance(actor.get("sub"), str):
-        raise InvalidAssertion("missing act.sub claim")
-    return claims
+HTTP = web.AppKey("http", aiohttp.ClientSession)
 
 
 def seal(secret: bytes, claims: dict[str, Any]) -> str:
@@ -118,12 +63,13 @@ def page(title: str, lines: list[str], status: int = 200) -> web.Response:
     return web.Response(status=status, text=body, content_type="text/html", charset="utf-8")
 
 
-def signed_in_page(claims: dict[str, Any], path: str) -> web.Response:
+def signed_in_page(who: Impersonation | dict[str, Any], path: str) -> web.Response:
+    claims = dict(who.claims) if isinstance(who, Impersonation) else who
     actor = claims.get("act") or {}
     lines = [f"app: {claims.get('aud')}", f"role: {actor.get('role')}", f"jti: {claims.get('jti')}"]
     if claims.get("email"):
         lines.append(f"email: {claims['email']}")
-    for name in ("custom_data", "scope"):
+    for name in ("reason", "custom_data", "scope"):
         if name in claims:
             value = claims[name]
             lines.append(f"{name}: {value if isinstance(value, str) else orjson.dumps(value).decode()}")
@@ -133,14 +79,10 @@ def signed_in_page(claims: dict[str, Any], path: str) -> web.Response:
 
 async def handle(request: web.Request) -> web.Response:
     secret = request.app[COOKIE_SECRET]
-    token = request.headers.get(ASSERTION_HEADER)
-    if token:
-        try:
-            claims = await verify_assertion(request.app, token)
-        except InvalidAssertion as exc:
-            return page(f"invalid assertion: {exc}", [f"path: {request.path}"], status=401)
-        response = signed_in_page(claims, request.path)
-        response.set_cookie(SESSION_COOKIE, seal(secret, claims), path="/", httponly=True, samesite="Lax")
+    who = impersonation(request)  # set by the verifying middleware when the gateway's assertion came along
+    if who is not None:
+        response = signed_in_page(who, request.path)
+        response.set_cookie(SESSION_COOKIE, seal(secret, dict(who.claims)), path="/", httponly=True, samesite="Lax")
         return response
     cookie = request.cookies.get(SESSION_COOKIE)
     claims_from_cookie = unseal(secret, cookie) if cookie else None
@@ -149,18 +91,24 @@ async def handle(request: web.Request) -> web.Response:
     return page("not signed in", [f"path: {request.path}"])
 
 
-async def jwks_client(app: web.Application) -> AsyncIterator[None]:
+async def http_client(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        app[JWKS] = JwksCache(session, f"{app[SETTINGS].gateway.rstrip('/')}/.well-known/jwks.json")
+        app[HTTP] = session
         yield
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application()
-    app[SETTINGS] = settings
+    async def fetch(url: str) -> bytes:
+        async with app[HTTP].get(url) as response:
+            response.raise_for_status()
+            return await response.read()
+
+    verifier = Verifier(f"{settings.gateway.rstrip('/')}/.well-known/jwks.json", settings.audiences,
+                        issuer=settings.issuer, fetch_async=fetch)  # fmt: skip
+    app = web.Application(middlewares=[middleware(verifier)])
     # A fresh secret per process: restarting the demo signs everybody out, which is fine here.
     app[COOKIE_SECRET] = secrets.token_bytes(32)
-    app.cleanup_ctx.append(jwks_client)
+    app.cleanup_ctx.append(http_client)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
