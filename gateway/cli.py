@@ -58,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(load)
     load.set_defaults(func=_directory_load)
 
+    check = sub.add_parser(
+        "check-config",
+        help="check the config, its keys and its directory file; print the routes it will serve",
+        description="Exit 0 and print the routes (apps, hosts, mounts, endpoints, carriers), or exit 1 with one "
+        "line per problem on stderr.",
+    )
+    _config_arg(check)
+    check.set_defaults(func=_check_config)
+
     keys = sub.add_parser("keys", help="manage assertion signing keys")
     ksub = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
     generate = ksub.add_parser("generate", help="write a new Ed25519 private key (PEM, PKCS#8) to FILE")
@@ -93,6 +102,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
+
+
+# -- check-config -------------------------------------------------------------------------------------
+def _check_config(args: argparse.Namespace) -> int:
+    from .check import check
+
+    report = check(args.config)
+    for problem in report.problems:
+        print(f"impersonation-gateway: error: {problem}", file=sys.stderr)
+    if report.problems:
+        return 1
+    print("\n".join(report.routes))
+    return 0
 
 
 # -- serve --------------------------------------------------------------------------------------------

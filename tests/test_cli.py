@@ -140,3 +140,71 @@ async def test_audit_tail_prints_the_latest_events(
         ("grant_minted", "g1", "mgr-1"), ("grant_minted", "g2", "mgr-1")
     ]  # fmt: skip
     assert all(e["id"] for e in lines)
+
+
+def test_check_config_prints_the_routes_of_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(ROOT / "config.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "app control-panel (activeplatform) -> http://127.0.0.1:9001" in out
+    assert "  mint   GET    /api/v3/resellers/{reseller_id}/user_authentication/token" in out
+    assert "  carrier query user_token + user_email (the grant's email)" in out
+    assert "  carrier cookie PyramidAuth (or the app's own credential)" in out
+    assert "  carrier body token + uuid (the grant's uuid) on POST /api/v2/user/login-with-token" in out
+    assert "  directory: 3 principals, 3 resellers, 3 subjects" in out
+    assert "gateway, on hosts no app lists: POST /v1/grants, GET /healthz, GET /readyz, GET /metrics" in out
+    assert "admin listener on 127.0.0.1:8081" in out and "demo-provisioner (scim)" in out
+
+
+def test_check_config_shows_hosts_and_mounts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "server": {"public_url": "https://gw.example.com"},
+        "admin": {"port": None},
+        "apps": {"crm": {"dialect": "pyramid", "upstream": "http://10.0.0.5:8000/base", "mount": "/crm",
+                         "hosts": ["crm.example.com"], "require_reason": True, "supersede": True}},
+    }))  # fmt: skip
+    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "app crm (pyramid) -> http://10.0.0.5:8000/base" in out
+    assert "  hosts: crm.example.com; mount: /crm; login URLs: https://gw.example.com/crm/" in out
+    assert "  mint   POST   /crm/API3/authentication/authenticateUserByToken" in out
+    assert "require_reason: yes; supersede: yes" in out
+    assert "directory: none in directory.file" in out and "admin listener: none" in out
+
+
+def test_check_config_names_every_problem_on_its_own_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "subjects.jsonl").write_text('{"id": "1"}\n{"id": "1"}\n')
+    (tmp_path / "directory.yaml").write_text(yaml.safe_dump({"apps": {
+        "cp": {"principals": [{"id": "m", "token": "t", "role": "admin"}], "subjects_file": "subjects.jsonl"},
+        "ghost": {},
+    }}))  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "server": {"port": 8080},
+        "admin": {"port": 8080},
+        "directory": {"file": "directory.yaml"},
+        "assertion": {"private_key_file": "missing.pem", "previous_key_files": ["old.pem"]},
+        "apps": {"cp": {"dialect": "activeplatform", "upstream": "http://127.0.0.1:9"},
+                 "cp2": {"dialect": "activeplatform", "upstream": "http://127.0.0.1:9"}},
+    }))  # fmt: skip
+    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert all(line.startswith("impersonation-gateway: error: ") for line in lines)
+    text = "\n".join(lines)
+    for expected in ("assertion.private_key_file: cannot read", "assertion.previous_key_files[0]: cannot read",
+                     "admin.port: 8080 is server.port too", "apps.cp2: same no host and mount '/' as apps.cp",
+                     "directory.file: apps.ghost is not an app of the config",
+                     "directory.file: apps.cp: subject '1' is given twice"):  # fmt: skip
+        assert expected in text, text
+    assert len(lines) == 6
+
+
+def test_check_config_stops_at_a_config_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.yaml").write_text("server: {port: eighty}\n")
+    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 1
+    assert capsys.readouterr().err == "impersonation-gateway: error: server.port: expected an integer, got 'eighty'\n"
+    (tmp_path / "config.yaml").write_text("directory: {file: dir.yaml}\napps: {}\n")
+    (tmp_path / "dir.yaml").write_text('{"apps": {"x": {"subjects_file": "s.jsonl"}}}')
+    (tmp_path / "s.jsonl").write_text("not json\n")
+    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 1
+    assert "directory.file: " in capsys.readouterr().err
