@@ -14,9 +14,14 @@ RUN pip install . && rm -rf /app/build
 
 USER gateway
 
-# Listen on all interfaces inside the container; the port comes from the config (default 8080).
-ENV GATEWAY_HOST=0.0.0.0
+# Listen on all interfaces inside the container, on 8080 whatever the config says (publish it as you like).
+ENV GATEWAY_HOST=0.0.0.0 \
+    GATEWAY_PORT=8080
 EXPOSE 8080
+
+# Ready = the process answers and its Redis does (/readyz is 503 while the store is unreachable).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/readyz', timeout=2)"]
 
 # Nothing secret is baked into the image. Mount a folder at /etc/gateway holding
 # config.yaml plus the files it names (the directory file and the Ed25519 assertion key;

@@ -80,7 +80,7 @@ def _directory(config: Config, report: Report) -> dict[str, str]:
     try:
         apps = load_directory_file(file)
     except DirectoryError as exc:
-        report.problems.append(f"directory.file: {exc}")
+        report.problems.append(f"directory.file: {str(exc).removeprefix('directory: ')}")
         return {}
     known = {a.name for a in config.apps}
     held = {}
@@ -91,7 +91,7 @@ def _directory(config: Config, report: Report) -> dict[str, str]:
         try:
             ids = Counter(subject.id for subject in directory.subjects)  # a subjects file is read line by line
         except DirectoryError as exc:
-            report.problems.append(f"directory.file: {exc}")
+            report.problems.append(f"directory.file: {str(exc).removeprefix('directory: ')}")
             continue
         twice = [i for i, n in ids.items() if n > 1]
         if twice:
