@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CODE := gateway tests demo bench
 
-.PHONY: install run test lint format parts bench clean
+.PHONY: install run test lint format parts bench screenshots clean
 
 install: $(STAMP)
 
@@ -31,7 +31,8 @@ $(STAMP): pyproject.toml
 run: install
 	VENV=$(VENV) CONFIG=$(CONFIG) scripts/run-demo.sh
 
-# Integration tests start real redis-server, redis-sentinel and nginx processes: each is installed when missing.
+# Integration tests start real redis-server, redis-sentinel, nginx and chromium processes: each is installed
+# when missing.
 parts:
 	scripts/install-parts.sh
 
@@ -42,6 +43,10 @@ lint: install
 
 test: install parts lint
 	$(BIN)/pytest
+
+# The README's screenshots (docs/screenshots): the browser test, writing its steps there.
+screenshots: install parts
+	SCREENSHOTS_DIR=docs/screenshots $(BIN)/pytest tests/test_browser.py
 
 # Load tests on 127.0.0.1: the gateway against bare aiohttp floors, under wrk; writes bench-results.json.
 # BENCH_DURATION (default 10) and BENCH_WARMUP (default 2) are the seconds of each case's runs.

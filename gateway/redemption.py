@@ -45,12 +45,18 @@ CONFIRM_FIELD = "impersonation_confirm"
 _CONFIRM_SCRIPT = "document.forms[0].submit();"
 _CONFIRM_SCRIPT_HASH = base64.b64encode(hashlib.sha256(_CONFIRM_SCRIPT.encode()).digest()).decode()
 _CONFIRM_CSP = (
-    f"default-src 'none'; form-action 'self'; script-src 'sha256-{_CONFIRM_SCRIPT_HASH}'; frame-ancestors 'none'"
+    f"default-src 'none'; form-action 'self'; script-src 'sha256-{_CONFIRM_SCRIPT_HASH}'; style-src 'unsafe-inline'; "
+    "frame-ancestors 'none'"
+)
+_STYLE = (
+    "<style>body{font:16px/1.5 system-ui,sans-serif;max-width:32em;margin:4em auto;padding:0 1em;color:#222}"
+    "h1{font-size:1.4em}button{font:inherit;padding:.4em 1.2em}</style>"
 )
 # No action: the form posts back to the very URL the browser shows, whatever the request target looked like.
 _CONFIRM_PAGE = (
-    '<!doctype html><html><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">'
-    "<title>Continue sign-in</title></head><body>"
+    '<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">'
+    f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>Continue sign-in</title>{_STYLE}'
+    "</head><body><h1>Continue sign-in</h1>"
     f'<form method="post"><input type="hidden" name="{CONFIRM_FIELD}" value="1">'
     '<p>Press continue to sign in.</p><button type="submit">Continue</button></form>'
     f"<script>{_CONFIRM_SCRIPT}</script></body></html>"
@@ -241,8 +247,7 @@ def prefers_html(accept: str) -> bool:
 _REFUSAL_PAGE = (
     '<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">'
     '<meta name="viewport" content="width=device-width, initial-scale=1">'
-    "<title>This sign-in link cannot be used</title><style>body{font:16px/1.5 system-ui,sans-serif;max-width:32em;"
-    "margin:4em auto;padding:0 1em;color:#222}h1{font-size:1.4em}</style></head><body>"
+    f"<title>This sign-in link cannot be used</title>{_STYLE}</head><body>"
     "<h1>This sign-in link cannot be used</h1>"
     "<p>It has already been used, or it has expired. Sign-in links work once, for a short time.</p>"
     "<p>Ask for a new link where you got this one.</p></body></html>"

@@ -9,6 +9,7 @@ have redis-server || missing+=(redis-server)
 have redis-cli || missing+=(redis-tools)
 have redis-sentinel || missing+=(redis-sentinel)
 have nginx || missing+=(nginx-light)
+have chromium || have chromium-browser || missing+=(chromium)  # the browser test drives it with Playwright
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" = 0 ]; then
