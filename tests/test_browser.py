@@ -36,7 +36,9 @@ def chromium() -> str:
         found = shutil.which(name)
         if found:
             return found
-    pytest.fail("chromium is not installed (apt-get install chromium; make test installs it): the browser test needs it")
+    pytest.fail(
+        "chromium is not installed (apt-get install chromium; make test installs it): the browser test needs it"
+    )
 
 
 @dataclass
@@ -53,9 +55,11 @@ async def demo(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Demo]
     apps = {name: {**app, "upstream": f"http://127.0.0.1:{demo_port}"} for name, app in config["apps"].items()}
     key = tmp_path / "signing.pem"
     generate_key_file(key)
-    path = processes.write_config(tmp_path, redis_server.url, gateway_port, apps=apps,
-                                  directory=yaml.safe_load((ROOT / "directory.yaml").read_text()),
-                                  prefix=f"browser{gateway_port}:", assertion={"private_key_file": str(key)})  # fmt: skip
+    directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
+    path = processes.write_config(
+        tmp_path, redis_server.url, gateway_port, apps=apps, directory=directory, prefix=f"browser{gateway_port}:",
+        assertion={"private_key_file": str(key)},
+    )  # fmt: skip
     gateway = f"http://127.0.0.1:{gateway_port}"
     app = subprocess.Popen(
         [sys.executable, str(ROOT / "demo" / "downstream.py"), "--port", str(demo_port), "--gateway", gateway],
