@@ -179,6 +179,13 @@ class Bench:
         known = [s for s in sizes if s is not None]
         return sum(known) / len(known) if known else None
 
+    def index_bytes_per_grant(self, app: str) -> float | None:
+        """What one live grant costs in its app's live index (the sorted set's ``MEMORY USAGE`` per member)."""
+        key = f"{self.prefix}{{grants:{app}}}:live"
+        members = self.redis.zcard(key)
+        size = self.redis.memory_usage(key, samples=0)
+        return round(size / members, 1) if members and size else None
+
     # -- fresh tokens -------------------------------------------------------------------------------
     def warm_redeem(self, url: str, prefix: str, supply: Callable[[int], list[str]], bound_rps: float) -> Workload:
         """Warm up a redeem load with enough fresh tokens for ``bound_rps`` (a rate it cannot beat), then get
@@ -325,7 +332,10 @@ def mint_case(bench: Bench) -> None:
         bench.figures.add_gateway(
             "mint", gateway.measure("mint", Workload(gateway.url + MINT_PATH, headers=MINT_HEADERS))
         )
-        bench.figures.redis_bytes_per_grant = bench.mean_key_bytes("grant:*")
+        grant = bench.mean_key_bytes("grant:*")
+        index = bench.index_bytes_per_grant("control-panel")
+        bench.figures.redis_bytes_per_grant = None if grant is None else round(grant + (index or 0), 1)
+        bench.figures.redis_bytes_per_index_entry = index
 
 
 def floor_redeem_case(bench: Bench) -> None:

@@ -74,7 +74,7 @@ class ImpersonationCommand:
 
 @dataclass(frozen=True)
 class Grant:
-    """A single-use right to act as ``subject`` in ``app``; stored as JSON under the hash of its token."""
+    """A single-use right to act as ``subject`` in ``app``; stored as JSON under its id (derived from its token)."""
 
     id: str
     app: str
@@ -86,18 +86,25 @@ class Grant:
     issued_at: int
     expires_at: int
     email: str | None = None
+    uuid: str | None = None  # kept when a carrier must bring it back (BTC Direct's links)
     custom_data: Any = None
     scope: str | None = None
-    bound: Mapping[str, str] = field(default_factory=dict)
+    bound: tuple[str, ...] = ()  # the fields of this grant (email, uuid) its carrier must bring back
     reason: str | None = None
     family: str | None = None  # the id of the mint's first grant, for the further grants of the same mint
 
+    def bound_values(self) -> dict[str, str]:
+        return {name: str(getattr(self, name, None)) for name in self.bound}
+
     def to_json(self) -> bytes:
-        return orjson.dumps({k: v for k, v in self.__dict__.items() if v is not None and v != {}})
+        """The stored form: without the id, which is the key's, nor empty fields (every byte counts a million
+        times)."""
+        return orjson.dumps({k: v for k, v in self.__dict__.items() if v is not None and v != () and k != "id"})
 
     @classmethod
-    def from_json(cls, data: bytes) -> Grant:
-        return cls(**orjson.loads(data))
+    def from_json(cls, grant_id: str, data: bytes) -> Grant:
+        fields = orjson.loads(data)
+        return cls(id=grant_id, **{**fields, "bound": tuple(fields.get("bound", ()))})
 
 
 @dataclass(frozen=True)
@@ -359,7 +366,7 @@ class Gateway:
         self, app: AppConfig, cmd: ImpersonationCommand, principal: Principal, subject: Subject, now: int, ttl: int,
         scope: str | None, family: str | None = None,
     ) -> tuple[str, Grant]:  # fmt: skip
-        bound = {name: str(getattr(subject, name)) for name in cmd.bind if getattr(subject, name) is not None}
+        bound = tuple(name for name in cmd.bind if getattr(subject, name) is not None)
         token = base64.urlsafe_b64encode(secrets.token_bytes(TOKEN_BYTES)).decode()
         grant = Grant(
             id=grant_id(token),
@@ -372,6 +379,7 @@ class Gateway:
             issued_at=now,
             expires_at=now + ttl,
             email=subject.email,
+            uuid=subject.uuid if "uuid" in bound else None,
             custom_data=cmd.custom_data,
             scope=scope,
             bound=bound,
@@ -501,7 +509,7 @@ class Gateway:
                 if not all(o.passive for o in offers if o.token == token):
                     self._refuse(first, "unknown", client, request_id=request_id)
                 continue
-            grant = Grant.from_json(found.grant)
+            grant = Grant.from_json(grant_id(token), found.grant)
             if found.state == "reused":
                 self.metrics.reused.labels(grant.app).inc()
                 log.warning("grant_reused", audit=True, grant_id=grant.id, app=grant.app, actor=grant.actor,
@@ -523,7 +531,7 @@ class Gateway:
         app = self.config.app(grant.app) if offer is not None else first
         if offer is None or app.dialect != grant.dialect:
             self._refuse(app, "wrong_app", client, grant, request_id)
-        if dict(offer.bound) != dict(grant.bound):
+        if dict(offer.bound) != grant.bound_values():
             self._refuse(app, "mismatch", client, grant, request_id)
         now = int(time.time())
         if grant.expires_at < now:
@@ -574,7 +582,7 @@ class Gateway:
         data = await self.store.revoke(grant_id) if GRANT_ID_SHAPE.fullmatch(grant_id) else None
         if data is None:
             return None
-        grant = Grant.from_json(data)
+        grant = Grant.from_json(grant_id, data)
         await self.store.unindex(grant.app, [grant.id])
         await self._audit_revoked([grant], by)
         return grant
@@ -583,7 +591,7 @@ class Gateway:
         """Revoke every live grant of ``app`` (of one actor, one subject, or both); how many were live."""
         revoked = 0
         async for ids in self.store.live_grants(app):
-            grants = [Grant.from_json(v) for v in await self.store.grants(ids) if v is not None]
+            grants = [Grant.from_json(i, v) for i, v in zip(ids, await self.store.grants(ids), strict=True) if v]
             chosen = [
                 g for g in grants if (actor is None or g.actor == actor) and (subject is None or g.subject == subject)
             ]

@@ -146,7 +146,8 @@ class Dialect(ABC):
     def login_url(self, result: MintResult, app: AppConfig, public_url: str) -> str:
         """The link that logs a browser in with ``result``'s grant: the app's root, with the link carrier."""
         carrier = self.link_carrier
-        pairs = [(name, result.grant.bound[field]) for field, name in carrier.bound]
+        bound = result.grant.bound_values()
+        pairs = [(name, bound[field]) for field, name in carrier.bound]
         return f"{public_url}{app.mount}/?{urlencode([*pairs, (carrier.name, result.token)])}"
 
     def error_response(self, error: GatewayError) -> web.Response:
