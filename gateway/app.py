@@ -106,12 +106,14 @@ def _store_ctx(redis: AnyRedis | None) -> Callable[[web.Application], AsyncItera
 
 
 async def _refresh_directory(gateway: Gateway, every: float) -> None:
-    """Follow directory loads made by any process, and reload the file if the store comes back empty."""
+    """Follow directory loads made by any process, reload the file if the store comes back empty, and trim the
+    apps' live grant indexes."""
     failing = False
     while True:
         await asyncio.sleep(every)
         try:
             await gateway.directory.refresh()
+            await gateway.store.trim_live(gateway.directory.apps)  # expired grants out of the live indexes
             if failing:
                 log.info("directory_refresh_recovered")
             failing = False

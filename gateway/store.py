@@ -4,7 +4,7 @@ Keys (all under ``store.prefix``; ``{...}`` is a Redis Cluster hash tag)::
 
     grant:{<grant id>}                  a live grant, JSON, PX = grant TTL          SET NX PX / GETDEL
     used:{<grant id>}                   tombstone of a redeemed grant (reuse alarm)  SET PX, in the redeem script
-    {grants:<app>}:live                 the app's grant ids by expiry (revocation)   ZADD, ZSCAN, in the index script
+    {grants:<app>}:live                 the app's grant ids by expiry (revocation)   ZADD (shared), ZSCAN, trimmed
     {grants:<app>}:pair:<h>             the newest grant of an actor and a subject   SET PX (apps that supersede)
     {dir:<app>}:current                 the app's directory generation in use        SET (a load's last step), GET
     {dir:<app>}:loading                 the generation a load is writing (its lease)  SET NX PX, renewed per batch
@@ -72,15 +72,12 @@ return {0, false}
 """
 _REDEEM_SHA = hashlib.sha1(_REDEEM.encode()).hexdigest()
 
-# A mint's bookkeeping in its app's grant slot (KEYS[1]: the live index): drop the ids that expired, add the new
-# ones (ARGV[1] now, ARGV[2] the pair key or "", ARGV[3] the newest grant id for it, ARGV[4] the pair's PX, then
-# id and expiry pairs), and for an app that supersedes, name the newest grant of its actor and subject.
+# A mint's bookkeeping, for an app that supersedes, in its app's grant slot (KEYS[1]: the live index): index the new
+# grants (ARGV[3...]: expiry and id pairs, as ZADD takes them) and name the first the newest of its actor and subject
+# (ARGV[1] the pair key, ARGV[2] its PX). Other apps' mints only ZADD.
 _INDEX = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-for i = 5, #ARGV, 2 do
-  redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
-end
-if ARGV[2] ~= '' then redis.call('SET', ARGV[2], ARGV[3], 'PX', ARGV[4]) end
+redis.call('ZADD', KEYS[1], unpack(ARGV, 3))
+redis.call('SET', ARGV[1], ARGV[4], 'PX', ARGV[2])
 return 1
 """
 _INDEX_SHA = hashlib.sha1(_INDEX.encode()).hexdigest()
@@ -282,6 +279,17 @@ class Consumed:
     grant: bytes | None = None
 
 
+def _copy(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (error := source.exception()) is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
+
+
 class AutoPipeline:
     """Sends the commands that concurrent requests issue in the same moment to Redis as one pipeline.
 
@@ -289,13 +297,16 @@ class AutoPipeline:
     requests share each round trip (and its system calls and timeout bookkeeping: one timer bounds a whole
     batch), and when idle a command waits for nothing but the next turn of the event loop. Replies are
     matched back in order; a failed command fails only its own caller, a failed batch every caller in it. A
-    command waits at most for the batch in flight and its own: twice the timeout.
+    command waits at most for the batch in flight and its own: twice the timeout. Members added to one sorted
+    set in the same batch (:meth:`zadd`) travel as one ``ZADD``.
     """
 
     def __init__(self, redis: AnyRedis, timeout: float) -> None:
         self._redis = redis
         self._timeout = timeout  # a batch that takes longer fails every command in it
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._zadds: dict[str, list[Any]] = {}  # key -> score, member, score, member, ...
+        self._zadded: dict[str, asyncio.Future[Any]] = {}  # key -> the future its members' callers share
         self._sender: asyncio.Task[None] | None = None
 
     def submit(self, *args: Any) -> asyncio.Future[Any]:
@@ -307,13 +318,28 @@ class AutoPipeline:
             self._sender = loop.create_task(self._send())
         return future
 
+    def zadd(self, key: str, *scored: Any) -> asyncio.Future[Any]:
+        """Queue ``score, member`` pairs for the sorted set ``key``: with every other caller's for the same key in
+        this batch, one ``ZADD``, whose reply (or error) each caller's future gets."""
+        shared = self._zadded.get(key)
+        if shared is None:
+            shared = self._zadded[key] = self.submit("ZADD", key)  # its members are added when the batch goes
+            self._zadds[key] = []
+        self._zadds[key] += scored
+        mine: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        shared.add_done_callback(lambda done: _copy(done, mine))  # a caller that gives up cancels only its own
+        return mine
+
     async def _send(self) -> None:
         batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
+                zadds, self._zadds, self._zadded = self._zadds, {}, {}
                 pipe = self._redis.pipeline(transaction=False)
                 for args, _ in batch:
+                    if args[0] == "ZADD" and len(args) == 2:
+                        args = (*args, *zadds[args[1]])
                     pipe.execute_command(*args)
                 try:
                     async with asyncio.timeout(self._timeout):
@@ -330,7 +356,7 @@ class AutoPipeline:
         finally:  # cancelled (shutdown): nobody will answer what is still waiting
             for _, future in [*batch, *self._queue]:
                 future.cancel()
-            self._queue = []
+            self._queue, self._zadds, self._zadded = [], {}, {}
             self._sender = None
 
 
@@ -433,16 +459,20 @@ class Store:
         grants = list(grants)
         submit = self._pipeline.submit
         now_ms = int(time.time() * 1000)
-        index: list[Any] = [now_ms, "", "", 0] if pair is None else [now_ms, pair.key, grants[0][0], pair.ttl_ms]
+        scored: list[Any] = []  # expiry, id: ZADD's order
         for grant_id, _, ttl_ms in grants:
-            index += [grant_id, now_ms + ttl_ms]
+            scored += [now_ms + ttl_ms, grant_id]
         futures = [submit("SET", self.grant_key(g), value, "NX", "PX", ttl_ms) for g, value, ttl_ms in grants]
-        futures.append(submit("EVALSHA", _INDEX_SHA, 1, self.live_key(app), *index))
+        if pair is None:  # concurrent mints of the app share one ZADD
+            futures.append(self._pipeline.zadd(self.live_key(app), *scored))
+        else:
+            futures.append(submit("EVALSHA", _INDEX_SHA, 1, self.live_key(app), pair.key, pair.ttl_ms, *scored))
         futures.append(submit(*self._xadd(audit)))
         results = await asyncio.gather(*futures, return_exceptions=True)
-        if isinstance(results[-2], NoScriptError):  # a restarted or flushed Redis: EVAL caches the script again
-            results[-2] = await asyncio.gather(submit("EVAL", _INDEX, 1, self.live_key(app), *index),
-                                               return_exceptions=True)  # fmt: skip
+        if isinstance(results[-2], NoScriptError) and pair is not None:  # a restarted Redis: EVAL caches it again
+            results[-2:-1] = await asyncio.gather(
+                submit("EVAL", _INDEX, 1, self.live_key(app), pair.key, pair.ttl_ms, *scored), return_exceptions=True
+            )
         stored = all(r in (True, b"OK", "OK") for r in results[:-2])
         if not stored or any(isinstance(r, BaseException) for r in results[-2:]):
             # A collision of 96-bit ids is not going to happen; a failed index or audit append can.
@@ -498,6 +528,11 @@ class Store:
         deleted = await self._many(("DEL", self.grant_key(g)) for g in grant_ids)
         await self.unindex(app, grant_ids)
         return [bool(n) for n in deleted]
+
+    async def trim_live(self, apps: Iterable[str]) -> None:
+        """Drop the ids of expired grants from each app's live index (every process, once a refresh)."""
+        now_ms = int(time.time() * 1000)
+        await self._many(("ZREMRANGEBYSCORE", self.live_key(app), "-inf", now_ms) for app in apps)
 
     async def unindex(self, app: str, grant_ids: Sequence[str]) -> None:
         if grant_ids:

@@ -55,17 +55,24 @@ def verify_with_jwks(url: str, token: str) -> dict[str, Any]:
     return claims
 
 
-@pytest.mark.parametrize("previous_as", ["private", "public"])
-async def test_an_assertion_signed_before_a_rotation_verifies_after_it(
-    aiohttp_client: Any, redis_client: Any, prefix: str, upstream: Upstream, tmp_path: Path, previous_as: str
-) -> None:
+async def before_rotation(
+    aiohttp_client: Any, redis_client: Any, prefix: str, upstream: Upstream, tmp_path: Path
+) -> tuple[Path, Path, str]:
+    """An old and a new key file, and an assertion a gateway signed with the old one."""
     old, new = tmp_path / "old.pem", tmp_path / "new.pem"
     generate_key_file(old)
     generate_key_file(new)
     before = await gateway_with(aiohttp_client, redis_client, prefix, upstream, private_key_file=str(old))
     signed_before = await assertion_from(before, upstream)
     await before.close()
+    return old, new, signed_before
 
+
+@pytest.mark.parametrize("previous_as", ["private", "public"])
+async def test_an_assertion_signed_before_a_rotation_verifies_after_it(
+    aiohttp_client: Any, redis_client: Any, prefix: str, upstream: Upstream, tmp_path: Path, previous_as: str
+) -> None:
+    old, new, signed_before = await before_rotation(aiohttp_client, redis_client, prefix, upstream, tmp_path)
     previous = old if previous_as == "private" else public_pem(old, tmp_path / "old.pub.pem")
     after = await gateway_with(aiohttp_client, redis_client, prefix, upstream, private_key_file=str(new),
                                previous_key_files=[str(previous)])  # fmt: skip
@@ -84,12 +91,7 @@ async def test_without_the_previous_key_an_old_assertion_no_longer_verifies(
     aiohttp_client: Any, redis_client: Any, prefix: str, upstream: Upstream, tmp_path: Path
 ) -> None:
     """The failure the rotation steps avoid: dropping the old key while its assertions may be in flight."""
-    old, new = tmp_path / "old.pem", tmp_path / "new.pem"
-    generate_key_file(old)
-    generate_key_file(new)
-    before = await gateway_with(aiohttp_client, redis_client, prefix, upstream, private_key_file=str(old))
-    signed_before = await assertion_from(before, upstream)
-    await before.close()
+    _, new, signed_before = await before_rotation(aiohttp_client, redis_client, prefix, upstream, tmp_path)
     after = await gateway_with(aiohttp_client, redis_client, prefix, upstream, private_key_file=str(new))
     url = str(after.make_url("/.well-known/jwks.json"))
     with pytest.raises(jwt.PyJWKClientError):
