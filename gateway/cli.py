@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import multiprocessing
 import signal
 import sys
@@ -180,8 +181,15 @@ def run_worker(config: Config, host: str, port: int, reuse_port: bool, dev: bool
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
         pass
+    app = create_app(config, admin_reuse_port=reuse_port)
+    # What is alive now (modules, config, the app) lives as long as the process: the collector need not scan it
+    # again. Requests make few reference cycles (refcounting frees the rest), so young collections can be rare:
+    # with the defaults, full collections of a large heap were the mint's p99 (38 ms against 8 without).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     web.run_app(
-        create_app(config, admin_reuse_port=reuse_port),
+        app,
         host=host,
         port=port,
         reuse_port=reuse_port or None,
