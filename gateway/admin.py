@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any
 
 import orjson
 import structlog
@@ -21,9 +20,9 @@ from aiohttp import web
 from .config import Config
 from .core import Gateway
 from .dialects import bearer
-from .errors import GatewayError, Invalid
+from .errors import GatewayError
 from .logging import log_request
-from .native import error_problem, problem, read_json
+from .native import an_id, app_of, error_problem, only, problem, read_json
 from .scim import Handler, Users, error_response, scim_errors
 
 log = structlog.get_logger("gateway")
@@ -106,23 +105,8 @@ class Revocations:
 
     async def revoke(self, request: web.Request) -> web.Response:
         data = await read_json(request, self.config)
-        for name in data:
-            if name not in ("app", "actor", "subject"):
-                raise Invalid(name, "unknown")
-        app = data.get("app")
-        if app is None:
-            raise Invalid("app", "missing")
-        if not isinstance(app, str) or app not in {a.name for a in self.config.apps}:
-            raise Invalid("app", "value")
-        actor, subject = _optional_id(data, "actor"), _optional_id(data, "subject")
-        revoked = await self.gateway.revoke(app, request[TOKEN], actor=actor, subject=subject)
+        only(data, ("app", "actor", "subject"))
+        app = app_of(data, self.config)
+        actor, subject = an_id(data, "actor"), an_id(data, "subject")
+        revoked = await self.gateway.revoke(app.name, request[TOKEN], actor=actor, subject=subject)
         return web.Response(body=orjson.dumps({"revoked": revoked}), content_type="application/json")
-
-
-def _optional_id(data: dict[str, Any], name: str) -> str | None:
-    value = data.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
-        raise Invalid(name, "value")
-    return str(value).strip()

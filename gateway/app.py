@@ -180,11 +180,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             response = await operation[0](request)
         elif request.path == native.PATH and request.app[ROUTER].host_apps(request.host) is None:
             request[KIND] = "mint"
-            config = request.app[CONFIG]
-            client = client_address(request.remote or "unknown", request.headers.getall("X-Forwarded-For", ()),
-                                    config.server.trusted_proxies)  # fmt: skip
-            response = await native.mint(request, config, request.app[GATEWAY], request.app[DIALECTS], client,
-                                         request_id)  # fmt: skip
+            response = await native.mint(request, request.app[CONFIG], request.app[GATEWAY], request.app[DIALECTS],
+                                         _client(request), request_id)  # fmt: skip
         else:
             response = await dispatch(request)
         status = response.status
@@ -255,6 +252,12 @@ def openapi_document() -> bytes:
     return orjson.dumps(yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
 
 
+def _client(request: web.Request) -> str:
+    """The client's address: the peer's, or what a trusted proxy's X-Forwarded-For says."""
+    trusted = request.app[CONFIG].server.trusted_proxies
+    return client_address(request.remote or "unknown", request.headers.getall("X-Forwarded-For", ()), trusted)
+
+
 # -- dispatch -----------------------------------------------------------------------------------------
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """A mint or info endpoint of one of the request's apps, else the redemption flow."""
@@ -266,8 +269,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     route = request.app[ROUTER].select(target)
     if route is None:
         return web.Response(status=404, text="No application is configured for this host and path.\n")
-    trusted = config.server.trusted_proxies
-    client = client_address(request.remote or "unknown", request.headers.getall("X-Forwarded-For", ()), trusted)
+    client = _client(request)
     path = route.path(target)
     dialects = request.app[DIALECTS]
     for app in route.apps:

@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 
 from . import body as bodies
-from .config import Config
+from .config import AppConfig, Config
 from .core import Gateway, ImpersonationCommand, SubjectRef, parse_reason
 from .dialects import Dialect, bearer, load_json_object
 from .errors import (
@@ -113,23 +113,42 @@ async def read_json(request: web.Request, config: Config) -> dict[str, Any]:
     return data
 
 
+def only(data: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """Invalid for a field the request does not have (a typo should not pass silently)."""
+    for name in data:
+        if name not in allowed:
+            raise Invalid(name, "unknown")
+
+
+def app_of(data: dict[str, Any], config: Config) -> AppConfig:
+    """The configured app the body's ``app`` names."""
+    name = data.get("app")
+    if name is None:
+        raise Invalid("app", "missing")
+    if not isinstance(name, str) or name not in {a.name for a in config.apps}:
+        raise Invalid("app", "value")
+    return config.app(name)
+
+
+def an_id(data: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    """The body's ``name``: an id (a non-blank string or an integer), as a string."""
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise Invalid(name, "missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
+        raise Invalid(name, "value")
+    return str(value).strip()
+
+
 def command(data: dict[str, Any], credential: str | None, config: Config, dialects: dict[str, Dialect],
             client: str) -> ImpersonationCommand:  # fmt: skip
     """The impersonation command in a native request; Invalid for a bad body."""
-    for name in data:
-        if name not in FIELDS:
-            raise Invalid(name, "unknown")
-    app_name = data.get("app")
-    if app_name is None:
-        raise Invalid("app", "missing")
-    if not isinstance(app_name, str) or app_name not in {a.name for a in config.apps}:
-        raise Invalid("app", "value")
-    app = config.app(app_name)
-    subject = data.get("subject")
-    if subject is None:
-        raise Invalid("subject", "missing")
-    if isinstance(subject, bool) or not isinstance(subject, str | int) or not str(subject).strip():
-        raise Invalid("subject", "value")
+    only(data, FIELDS)
+    app = app_of(data, config)
+    subject = an_id(data, "subject", required=True)
+    assert subject is not None
     ttl = data.get("ttl_seconds")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int)):
         raise Invalid("ttl_seconds", "value")
@@ -140,7 +159,7 @@ def command(data: dict[str, Any], credential: str | None, config: Config, dialec
         app=app.name,
         dialect=app.dialect,
         credential=credential,
-        target=SubjectRef(id=str(subject).strip()),
+        target=SubjectRef(id=subject),
         client=client,
         custom_data=data.get("custom_data"),
         bind=dialects[app.dialect].link_bind,

@@ -203,8 +203,10 @@ def test_check_config_stops_at_a_config_it_cannot_read(tmp_path: Path, capsys: p
     (tmp_path / "config.yaml").write_text("server: {port: eighty}\n")
     assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 1
     assert capsys.readouterr().err == "impersonation-gateway: error: server.port: expected an integer, got 'eighty'\n"
-    (tmp_path / "config.yaml").write_text("directory: {file: dir.yaml}\napps: {}\n")
+    (tmp_path / "config.yaml").write_text(
+        "directory: {file: dir.yaml}\napps: {x: {dialect: pyramid, upstream: 'http://127.0.0.1:9'}}\n"
+    )
     (tmp_path / "dir.yaml").write_text('{"apps": {"x": {"subjects_file": "s.jsonl"}}}')
-    (tmp_path / "s.jsonl").write_text("not json\n")
+    (tmp_path / "s.jsonl").write_text('{"id": "1"}\nnot json\n')
     assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 1
-    assert "directory.file: " in capsys.readouterr().err
+    assert capsys.readouterr().err == ("impersonation-gateway: error: directory.file: s.jsonl:2: not a JSON object\n")
