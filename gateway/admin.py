@@ -47,7 +47,11 @@ def create_admin_app(config: Config, gateway: Gateway) -> web.Application:
         entry = tokens.get(hashlib.sha256(token.encode()).hexdigest()) if token else None
         native = request.path.startswith("/v1/")
         if entry is None:
-            detail = "an admin bearer token is needed (Authorization: Bearer <token>)"
+            detail = (
+                "the admin bearer token is not valid"
+                if token
+                else "an admin bearer token is needed (Authorization: Bearer <token>)"
+            )
             response = (
                 problem(401, "unauthenticated", "Unauthenticated", detail) if native else error_response(401, detail)
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import importlib.resources
 import random
@@ -36,7 +37,7 @@ from .metrics import Metrics
 from .proxy import STREAMING, Proxy
 from .redemption import KIND, Redeemer
 from .routing import BadTarget, Router, client_address, parse_target
-from .store import AnyRedis, Store, connect
+from .store import AnyRedis, Store, connect, redacted, unreachable
 
 log = structlog.get_logger("gateway")
 
@@ -91,9 +92,14 @@ def _store_ctx(redis: AnyRedis | None) -> Callable[[web.Application], AsyncItera
         store = Store(client, config.store.prefix, config.store.timeout_seconds)
         gateway = Gateway(config, store, app[SIGNER], app[METRICS])
         app[GATEWAY] = gateway
-        with contextlib.suppress(StoreUnavailable):  # the refresher keeps trying
+        failing = False
+        try:
             await gateway.directory.refresh(load_file=True)
-        refresher = asyncio.create_task(_refresh_directory(gateway, config.directory.refresh_seconds))
+        except StoreUnavailable as exc:  # serve anyway (503 where the store is needed); the refresher keeps trying
+            log.warning("store_unavailable", detail=unreachable(config.store.url, exc),
+                        consequence="mints and redemptions answer 503 until it answers")  # fmt: skip
+            failing = True
+        refresher = asyncio.create_task(_refresh_directory(gateway, config, failing))
         yield
         refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -105,21 +111,21 @@ def _store_ctx(redis: AnyRedis | None) -> Callable[[web.Application], AsyncItera
     return ctx
 
 
-async def _refresh_directory(gateway: Gateway, every: float) -> None:
+async def _refresh_directory(gateway: Gateway, config: Config, failing: bool) -> None:
     """Follow directory loads made by any process, reload the file if the store comes back empty, and trim the
-    apps' live grant indexes."""
-    failing = False
+    apps' live grant indexes. A store that stops or starts answering is logged once each time."""
     while True:
-        await asyncio.sleep(every)
+        await asyncio.sleep(config.directory.refresh_seconds)
         try:
             await gateway.directory.refresh()
             await gateway.store.trim_live(gateway.directory.apps)  # expired grants out of the live indexes
             if failing:
-                log.info("directory_refresh_recovered")
+                log.info("store_available", store=redacted(config.store.url))
             failing = False
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             if not failing:
-                log.warning("directory_refresh_failed", reason="store unavailable")
+                log.warning("store_unavailable", detail=unreachable(config.store.url, exc),
+                            consequence="mints and redemptions answer 503 until it answers")  # fmt: skip
             failing = True
         except Exception:  # a bad directory file must not stop the refresher
             log.exception("directory_refresh_failed")
@@ -134,18 +140,37 @@ async def _proxy_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def _admin_ctx(reuse_port: bool) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        admin = app[CONFIG].admin
-        if admin.port is None:
+        config = app[CONFIG]
+        admin = config.admin
+        if admin.port is None or not admin.listens:  # no tokens: nothing it could serve, so no second port
             yield
             return
-        runner = web.AppRunner(create_admin_app(app[CONFIG], app[GATEWAY]), access_log=None)
+        runner = web.AppRunner(create_admin_app(config, app[GATEWAY]), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, admin.host, admin.port, reuse_port=reuse_port or None).start()
-        log.info("admin_listening", host=admin.host, port=admin.port, tokens=len(admin.tokens))
-        yield
-        await runner.cleanup()
+        try:
+            site = web.TCPSite(runner, admin.host, admin.port, reuse_port=reuse_port or None)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ListenError(admin.host, admin.port, config.setting("admin.port"), exc) from None
+            log.info("admin_listening", url=site.name, tokens=len(admin.tokens))
+            yield
+        finally:
+            await runner.cleanup()
 
     return ctx
+
+
+class ListenError(Exception):
+    """A listener could not open its address (taken, or not this host's); ``str()`` is one line naming the
+    address and the setting that chose it."""
+
+    def __init__(self, host: str, port: int, setting: str, error: OSError) -> None:
+        why = {errno.EADDRINUSE: "something else is already listening there",
+               errno.EADDRNOTAVAIL: "that address is not one of this host's",
+               errno.EACCES: "permission denied"}.get(error.errno or 0, error.strerror or "cannot listen")  # fmt: skip
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        super().__init__(f"cannot listen on {address} ({setting}): {why}")
 
 
 async def _log_flush_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -8,6 +8,7 @@ upstream, endpoints and carriers, then the gateway's own endpoints and the admin
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from .config import Config, ConfigError, load_config
 from .dialects import Carrier, all_dialects
 from .directory import DirectoryError, load_directory_file
 from .native import PATH as NATIVE_PATH
+from .store import Store, connect, redacted, unreachable
 
 
 @dataclass
@@ -34,6 +36,7 @@ def check(path: Path | None) -> Report:
         return report
     _keys(config, report)
     _listeners(config, report)
+    _store(config, report)
     subjects = _directory(config, report)
     report.routes = routes(config, subjects)
     return report
@@ -54,12 +57,8 @@ def _keys(config: Config, report: Report) -> None:
 
 def _listeners(config: Config, report: Report) -> None:
     admin = config.admin
-    if admin.port is not None and admin.port == config.server.port and admin.port != 0:
+    if admin.listens and admin.port == config.server.port and admin.port != 0:
         report.problems.append(f"admin.port: {admin.port} is server.port too; give the admin listener its own port")
-    if admin.port is not None and config.store.url != "embedded" and not admin.tokens:
-        report.problems.append(
-            "admin.tokens: none, so the admin listener refuses every request (or set admin.port: null)"
-        )
     seen: dict[tuple[str, str], str] = {}
     for app in config.apps:
         for host in app.hosts or ("",):
@@ -70,6 +69,25 @@ def _listeners(config: Config, report: Report) -> None:
                     f"apps.{app.name}: same {where} and mount {app.mount or '/'!r} as apps.{other}, and the same "
                     "dialect: its mint endpoints are unreachable (the first listed answers)"
                 )
+
+
+def _store(config: Config, report: Report) -> None:
+    """Whether the store answers a PING (the embedded one always does: it lives in the serving process)."""
+    url = config.store.url
+    if url == "embedded":
+        return
+
+    async def ping() -> None:
+        store = Store(connect(url, config.store.timeout_seconds), config.store.prefix, config.store.timeout_seconds)
+        try:
+            await store.ping(raising=True)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(ping())
+    except Exception as exc:
+        report.problems.append(f"store.url: {unreachable(url, exc)}")
 
 
 def _directory(config: Config, report: Report) -> dict[str, str]:
@@ -105,7 +123,7 @@ def _directory(config: Config, report: Report) -> dict[str, str]:
 def routes(config: Config, directory: dict[str, str]) -> list[str]:
     dialects = all_dialects(a.dialect for a in config.apps)
     lines = [f"listening on {config.server.host}:{config.server.port}, public URL {config.server.public_url}",
-             f"store: {config.store.url} (prefix {config.store.prefix!r})"]  # fmt: skip
+             f"store: {redacted(config.store.url)} (prefix {config.store.prefix!r})"]  # fmt: skip
     for app in config.apps:
         dialect = dialects[app.dialect]
         hosts = ", ".join(app.hosts) if app.hosts else "any host no app lists"
@@ -127,7 +145,9 @@ def routes(config: Config, directory: dict[str, str]) -> list[str]:
     ]
     admin = config.admin
     if admin.port is None:
-        lines.append("admin listener: none")
+        lines.append("admin listener: none (admin.port: null)")
+    elif not admin.listens:
+        lines.append("admin listener: none (no admin.tokens)")
     else:
         tokens = ", ".join(f"{t.id} ({', '.join(t.scopes) or 'no scope'})" for t in admin.tokens) or "none"
         lines.append(f"admin listener on {admin.host}:{admin.port}: SCIM /scim/v2/{{app}}/, revocation /v1/; "

@@ -15,17 +15,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
+import structlog
 from tqdm import tqdm
 
 from .assertion import generate_key_file
 from .config import Config, ConfigError, load_config
 from .directory import AppDirectory, DirectoryError, SubjectsFile, load_directory_file, source_digest
 from .logging import configure_logging
-from .store import Store, connect
+from .store import Store, connect, unreachable
 
 
 class CliError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
+    """A problem the user can fix; printed as one line, exit status 2 (the status of every such problem, of every
+    command: a bad config, a taken port, a store that does not answer)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check-config",
         help="check the config, its keys and its directory file; print the routes it will serve",
-        description="Exit 0 and print the routes (apps, hosts, mounts, endpoints, carriers), or exit 1 with one "
-        "line per problem on stderr.",
+        description="Exit 0 and print the routes (apps, hosts, mounts, endpoints, carriers), or exit 2 with one "
+        "line per problem on stderr (as serve exits for the same config).",
     )
     _config_arg(check)
     check.set_defaults(func=_check_config)
@@ -113,7 +115,7 @@ def _check_config(args: argparse.Namespace) -> int:
     for problem in report.problems:
         print(f"impersonation-gateway: error: {problem}", file=sys.stderr)
     if report.problems:
-        return 1
+        return 2  # as every command for a problem the user can fix (serve, for the same config)
     print("\n".join(report.routes))
     return 0
 
@@ -133,11 +135,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and config.assertion.private_key_file is None:
         raise CliError("--workers > 1 needs assertion.private_key_file: every worker must sign with the same key")
     _check_key(config)
+    from_args = args.port is not None
     if args.workers == 1:
-        run_worker(config, host, port, False, args.dev)
+        run_worker(config, host, port, False, args.dev, from_args)
         return 0
     spawn = multiprocessing.get_context("spawn")
-    workers = [spawn.Process(target=run_worker, args=(config, host, port, True, args.dev)) for _ in range(args.workers)]
+    workers = [spawn.Process(target=_worker, args=(config, host, port, args.dev, from_args))
+               for _ in range(args.workers)]  # fmt: skip
     for worker in workers:
         worker.start()
 
@@ -168,11 +172,25 @@ def _check_key(config: Config) -> None:
             raise CliError(f"assertion.previous_key_files[{i}]: {exc}") from None
 
 
-def run_worker(config: Config, host: str, port: int, reuse_port: bool, dev: bool) -> None:
-    """Run one gateway process until SIGTERM/SIGINT, then drain in-flight requests and exit."""
+def _worker(config: Config, host: str, port: int, dev: bool, port_from_args: bool) -> None:
+    """One of ``--workers`` processes: its problem is one line too, and its exit status 2."""
+    try:
+        run_worker(config, host, port, True, dev, port_from_args)
+    except CliError as exc:
+        print(f"impersonation-gateway: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def run_worker(config: Config, host: str, port: int, reuse_port: bool, dev: bool, port_from_args: bool = False) -> None:
+    """Run one gateway process until SIGTERM/SIGINT, then drain in-flight requests and exit. CliError when a
+    listener cannot open its address."""
     from aiohttp import web
 
-    from .app import create_app
+    from .app import ListenError, create_app
+
+    public_url = config.server.public_url
 
     configure_logging(json=not dev)
     try:
@@ -182,30 +200,44 @@ def run_worker(config: Config, host: str, port: int, reuse_port: bool, dev: bool
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
         pass
     app = create_app(config, admin_reuse_port=reuse_port)
+    log = structlog.get_logger("gateway")
     # What is alive now (modules, config, the app) lives as long as the process: the collector need not scan it
     # again. Requests make few reference cycles (refcounting frees the rest), so young collections can be rare:
     # with the defaults, full collections of a large heap were the mint's p99 (38 ms against 8 without).
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        reuse_port=reuse_port or None,
-        shutdown_timeout=config.server.drain_seconds,
-        access_log=None,
-        print=None,
-        handle_signals=True,
-    )
+    try:
+        web.run_app(
+            app,
+            host=host,
+            port=port,
+            reuse_port=reuse_port or None,
+            shutdown_timeout=config.server.drain_seconds,
+            access_log=None,
+            # called once every listener is open: one line saying where the gateway is
+            print=lambda _: log.info("listening", url=f"http://{_address(host, port)}", public_url=public_url),
+            handle_signals=True,
+        )
+    except ListenError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:  # the main listener's bind: the only OSError run_app lets out before serving
+        setting = "--port" if port_from_args else config.setting("server.port")
+        raise CliError(str(ListenError(host, port, setting, exc))) from None
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # -- directory, keys, audit ---------------------------------------------------------------------------
-def _store_for(config: Config, what: str) -> Store:
+def _store_for(config: Config, what: str, instead: str) -> Store:
+    """A client of the config's store; CliError for the embedded one, which lives inside the serving process
+    (``instead`` says what to do then)."""
     if config.store.url == "embedded":
         raise CliError(
-            f"store.url is 'embedded' (inside the serving process): {what} needs a shared Redis; "
-            "set store.url or GATEWAY_REDIS_URL, or set directory.file so the gateway loads it at start-up"
+            f"store.url is 'embedded' (inside the serving process): {what} needs a shared Redis "
+            f"(set store.url or GATEWAY_REDIS_URL); {instead}"
         )
     return Store(
         connect(config.store.url, config.store.timeout_seconds), config.store.prefix, config.store.timeout_seconds
@@ -219,7 +251,7 @@ def _directory_load(args: argparse.Namespace) -> int:
     for name in apps:
         if name not in known:
             raise CliError(f"{args.file}: apps.{name} is not an app of the config ({', '.join(sorted(known))})")
-    store = _store_for(config, "directory load")
+    store = _store_for(config, "directory load", "or set directory.file, which the gateway loads at start-up")
     # Processes follow a load within directory.refresh_seconds: until then they may read the old generation.
     grace = 2 * config.directory.refresh_seconds + 1
 
@@ -242,7 +274,7 @@ def _directory_load(args: argparse.Namespace) -> int:
     except (DirectoryError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        raise CliError(f"cannot reach the store at {config.store.url}: {type(exc).__name__}") from None
+        raise CliError(f"cannot reach the store: {unreachable(config.store.url, exc)}") from None
     return 0
 
 
@@ -271,13 +303,12 @@ def _keys_generate(args: argparse.Namespace) -> int:
 
 def _audit_tail(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    store = _store_for(config, "audit tail")
+    store = _store_for(config, "audit tail", "the embedded store's audit events are in the gateway's log lines")
 
     async def tail() -> None:
         try:
-            entries: list[Any] = list(await store.redis.xrevrange(store.audit_key, count=max(args.n, 0)) or [])
             last: Any = "$"
-            for entry_id, fields in reversed(entries):
+            for entry_id, fields in await store.latest_audit(max(args.n, 0)):
                 _print_event(entry_id, fields)
                 last = entry_id
             while args.follow:
@@ -292,7 +323,7 @@ def _audit_tail(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except Exception as exc:
-        raise CliError(f"cannot read the audit stream at {config.store.url}: {type(exc).__name__}") from None
+        raise CliError(f"cannot read the audit stream: {unreachable(config.store.url, exc)}") from None
     return 0
 
 

@@ -95,8 +95,13 @@ class AdminConfig:
     """The admin listener (SCIM provisioning, revocation): its own address, bearer tokens with scopes."""
 
     host: str = "127.0.0.1"
-    port: int | None = 8081  # None: no admin listener
+    port: int | None = 8081  # None: no admin listener; without tokens there is none either
     tokens: tuple[AdminToken, ...] = ()
+
+    @property
+    def listens(self) -> bool:
+        """Whether the admin listener opens: it has a port and tokens (with none it could only refuse)."""
+        return self.port is not None and bool(self.tokens)
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,13 @@ class Config:
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     apps: tuple[AppConfig, ...] = ()
+    # The environment variables that set a key ("server.port" -> "GATEWAY_PORT"), so that a message about a value
+    # names the setting the user actually gave.
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    def setting(self, key: str) -> str:
+        """The name of the setting that chose ``key``'s value: its environment variable, or the key itself."""
+        return dict(self.overrides).get(key, key)
 
     def app(self, name: str) -> AppConfig:
         return self._apps_by_name[name]
@@ -146,6 +158,7 @@ ENV_OVERRIDES = {
     "GATEWAY_HOST": ("server", "host"),
     "GATEWAY_PORT": ("server", "port"),
     "GATEWAY_PUBLIC_URL": ("server", "public_url"),
+    "GATEWAY_ADMIN_PORT": ("admin", "port"),
 }
 
 
@@ -153,13 +166,28 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     """Read the config file (``path``, else ``$GATEWAY_CONFIG``, else ``./config.yaml``) and apply env overrides."""
     env = os.environ if env is None else env
     path = Path(path or env.get("GATEWAY_CONFIG") or "config.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    raw = read_yaml(path, "config", ConfigError)
     return config_from_dict(raw or {}, base_dir=path.resolve().parent, env=env)
+
+
+def read_yaml(path: Path, what: str, error: type[Exception]) -> Any:
+    """The YAML document in ``path``; ``error`` with one line naming the file, and for a syntax error its line and
+    column (``config: config.yaml:7:3: not valid YAML: mapping values are not allowed here``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{what}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise error(f"{what}: {path} is not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None)
+        context = getattr(exc, "context", None)
+        detail = f": {problem}" + (f" ({context})" if context else "") if problem else ""
+        raise error(f"{what}: {where}: not valid YAML{detail}".replace("\n", " ")) from None
 
 
 def config_from_dict(raw: Any, *, base_dir: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -167,6 +195,7 @@ def config_from_dict(raw: Any, *, base_dir: Path | None = None, env: Mapping[str
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a mapping at the top level")
     raw = {**raw}
+    overrides = []
     for var, (section, key) in ENV_OVERRIDES.items():
         if env and var in env:
             section_data = raw.get(section) or {}
@@ -176,6 +205,9 @@ def config_from_dict(raw: Any, *, base_dir: Path | None = None, env: Mapping[str
             if key == "port":
                 value = _env_int(var, value)
             raw[section] = {**section_data, key: value}
+            overrides.append((f"{section}.{key}", var))
+    if "overrides" in raw:
+        raise ConfigError("overrides: unknown key")
     apps_raw = raw.pop("apps", None) or {}
     if not isinstance(apps_raw, dict):
         raise ConfigError("apps: expected a mapping of app name to settings")
@@ -185,7 +217,7 @@ def config_from_dict(raw: Any, *, base_dir: Path | None = None, env: Mapping[str
         if not isinstance(settings, dict):
             raise ConfigError(f"apps.{name}: expected a mapping")
         apps.append(_build(AppConfig, {**settings, "name": str(name)}, f"apps.{name}."))
-    config: Config = dataclasses.replace(base, apps=tuple(apps))
+    config: Config = dataclasses.replace(base, apps=tuple(apps), overrides=tuple(overrides))
     config = dataclasses.replace(config, admin=_hash_admin_tokens(config.admin))
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)

@@ -510,6 +510,8 @@ class Gateway:
                     self._refuse(first, "unknown", client, request_id=request_id)
                 continue
             grant = Grant.from_json(grant_id(token), found.grant)
+            if found.state == "revoked":
+                self._refuse(first, "revoked", client, grant, request_id)
             if found.state == "reused":
                 self.metrics.reused.labels(grant.app).inc()
                 log.warning("grant_reused", audit=True, grant_id=grant.id, app=grant.app, actor=grant.actor,

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
+
+from .config import read_yaml
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # Attribute names never shown as a subject's public data, whatever the directory holds.
@@ -197,7 +198,7 @@ class SubjectsFile:
                     try:
                         data = orjson.loads(line)
                     except orjson.JSONDecodeError:
-                        raise DirectoryError(f"{where}: not a JSON object") from None
+                        raise DirectoryError(f"{where}: not valid JSON (a line cut short?)") from None
                     yield parse_subject(data, where)
         except OSError as exc:
             raise DirectoryError(f"directory: cannot read {self.path}: {exc.strerror}") from None
@@ -218,12 +219,7 @@ def load_directory_file(path: str | Path) -> dict[str, AppDirectory]:
     """Parse a directory file; raises :class:`DirectoryError` naming the bad entry. Subjects in a
     ``subjects_file`` are not read here: they stream when the app's subjects are iterated."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise DirectoryError(f"directory: cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise DirectoryError(f"directory: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    raw = read_yaml(path, "directory", DirectoryError)
     return parse_directory(raw, base_dir=path.resolve().parent)
 
 

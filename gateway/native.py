@@ -177,11 +177,12 @@ def created(grant_id: str, token: str, login_url: str, expires_at: int) -> web.R
 
 
 def credential_of(request: web.Request) -> str | None:
-    """The bearer credential (None when there is none; "" when the scheme is not Bearer, which no actor has)."""
+    """The bearer credential: None when there is none, or it is not a Bearer one (Basic credentials are no
+    credential here: the answer says a Bearer one is required); "" for several, which no actor has."""
     values = request.headers.getall("Authorization", [])
     if len(values) > 1:
         return ""
-    return bearer(values[0]) if values else None
+    return (bearer(values[0]) or None) if values else None
 
 
 async def mint(

@@ -67,10 +67,22 @@ if grant then
   return {1, grant}
 end
 local tomb = redis.call('GET', KEYS[2])
-if tomb then return {2, tomb} end
+if tomb then
+  if string.sub(tomb, 1, 1) == '!' then return {3, string.sub(tomb, 2)} end
+  return {2, tomb}
+end
 return {0, false}
 """
 _REDEEM_SHA = hashlib.sha1(_REDEEM.encode()).hexdigest()
+
+# Revoke: GETDEL the grant and leave a tombstone marked '!' (a grant's JSON never starts so), so that its later
+# presentation is told apart as "revoked" (for logs and metrics only: the answer is the same).
+_REVOKE = """
+local grant = redis.call('GETDEL', KEYS[1])
+if grant then redis.call('SET', KEYS[2], '!' .. grant, 'PX', ARGV[1]) end
+return grant
+"""
+_REVOKE_SHA = hashlib.sha1(_REVOKE.encode()).hexdigest()
 
 # A mint's bookkeeping, for an app that supersedes, in its app's grant slot (KEYS[1]: the live index): index the new
 # grants (ARGV[3...]: expiry and id pairs, as ZADD takes them) and name the first the newest of its actor and subject
@@ -236,6 +248,34 @@ def connect(url: str, timeout: float) -> AnyRedis:
     return aioredis.Redis.from_url(url, **opts)
 
 
+def redacted(url: str) -> str:
+    """``url`` without its password, fit for a log line or a message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    return parts._replace(netloc=f"{(parts.username or '')}:***@{netloc[-1]}").geturl()
+
+
+def unreachable(url: str, error: BaseException) -> str:
+    """Why the store at ``url`` did not answer, in words: ``connection refused at redis://127.0.0.1:6390``."""
+    cause: BaseException = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    text = " ".join(str(cause).split()).lower()
+    if isinstance(cause, ConnectionRefusedError) or "refused" in text:
+        why = "connection refused"
+    elif isinstance(cause, TimeoutError) or "timeout" in text or "timed out" in text:
+        why = "no answer in time"
+    elif "name or service not known" in text or "nodename nor servname" in text or "name resolution" in text:
+        why = "host name not found"
+    elif "auth" in text or "password" in text:
+        why = "authentication failed"
+    else:
+        why = " ".join(str(cause).split())[:160] or type(cause).__name__
+    return f"{why} at {redacted(url)}"
+
+
 @dataclass(frozen=True)
 class LoadSummary:
     """What one app's directory load did: subjects added, changed (any field) and removed, and how long it took."""
@@ -273,7 +313,7 @@ class Pair:
 
 @dataclass(frozen=True)
 class Consumed:
-    """What the redeem script found: ``state`` is ``"redeemed"``, ``"reused"`` or ``"unknown"``."""
+    """What the redeem script found: ``state`` is ``"redeemed"``, ``"reused"``, ``"revoked"`` or ``"unknown"``."""
 
     state: str
     grant: bytes | None = None
@@ -435,11 +475,14 @@ class Store:
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable() from exc
 
-    async def ping(self) -> bool:
+    async def ping(self, *, raising: bool = False) -> bool:
+        """Whether the store answers; with ``raising``, StoreUnavailable (from the Redis error) when it does not."""
         try:
             async with self._call():
                 return bool(await self.redis.ping())
         except StoreUnavailable:
+            if raising:
+                raise
             return False
 
     async def close(self) -> None:
@@ -489,7 +532,7 @@ class Store:
             state, value = await self._one("EVAL", _REDEEM, 2, *keys, TOMBSTONE_MS)
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable() from exc
-        return Consumed({1: "redeemed", 2: "reused"}.get(int(state), "unknown"), value or None)
+        return Consumed({1: "redeemed", 2: "reused", 3: "revoked"}.get(int(state), "unknown"), value or None)
 
     async def live(self, grant_ids: Iterable[str]) -> list[bool]:
         """Whether each grant is live, consuming nothing (EXISTS each, auto-pipelined: one round trip)."""
@@ -502,8 +545,20 @@ class Store:
 
     # -- revocation ---------------------------------------------------------------------------------
     async def revoke(self, grant_id: str) -> bytes | None:
-        """Delete the live grant ``grant_id``; its JSON, or None when no live grant has that id."""
-        return await self._one("GETDEL", self.grant_key(grant_id))  # type: ignore[no-any-return]
+        """Delete the live grant ``grant_id`` and leave its tombstone (marked revoked); its JSON, or None when no
+        live grant has that id."""
+        return (await self._revoke([grant_id]))[0]
+
+    async def _revoke(self, grant_ids: Sequence[str]) -> list[bytes | None]:
+        """The revoke script on each grant (auto-pipelined: one round trip); each one's JSON if it was live."""
+        commands = [("EVALSHA", _REVOKE_SHA, 2, self.grant_key(g), self.tombstone_key(g), TOMBSTONE_MS)
+                    for g in grant_ids]  # fmt: skip
+        try:
+            return await self._many(commands)
+        except StoreUnavailable as exc:
+            if not isinstance(exc.__cause__, NoScriptError):
+                raise
+        return await self._many(("EVAL", _REVOKE, *c[2:]) for c in commands)  # a restarted Redis caches it again
 
     async def live_grants(self, app: str, batch: int = 1000) -> AsyncIterator[list[str]]:
         """The ids in ``app``'s live index that have not expired, a batch at a time (ZSCAN: a grant indexed
@@ -525,9 +580,9 @@ class Store:
     async def delete_grants(self, app: str, grant_ids: Sequence[str]) -> list[bool]:
         """Delete each grant; whether each was live (a grant redeemed meanwhile was not). Drops the ids from the
         app's live index too."""
-        deleted = await self._many(("DEL", self.grant_key(g)) for g in grant_ids)
+        deleted = await self._revoke(grant_ids)
         await self.unindex(app, grant_ids)
-        return [bool(n) for n in deleted]
+        return [n is not None for n in deleted]
 
     async def trim_live(self, apps: Iterable[str]) -> None:
         """Drop the ids of expired grants from each app's live index (every process, once a refresh)."""
@@ -546,6 +601,12 @@ class Store:
 
     def _xadd(self, event: Mapping[str, str]) -> tuple[Any, ...]:
         return ("XADD", self.audit_key, "MAXLEN", "~", AUDIT_MAXLEN, "*", *(x for kv in event.items() for x in kv))
+
+    async def latest_audit(self, count: int) -> list[Any]:
+        """The latest ``count`` audit entries, oldest first, as ``[(id, {field: value})]``."""
+        async with self._call():
+            entries = await self.redis.xrevrange(self.audit_key, count=count) if count else []
+        return list(reversed(entries or []))
 
     async def read_audit(self, last_id: str = "0", count: int = 100, block_ms: int | None = None) -> list[Any]:
         """Audit entries after ``last_id`` as ``[(id, {field: value})]`` (``block_ms`` waits for new ones)."""

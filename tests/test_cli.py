@@ -179,13 +179,13 @@ def test_check_config_names_every_problem_on_its_own_line(tmp_path: Path, capsys
     }}))  # fmt: skip
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({
         "server": {"port": 8080},
-        "admin": {"port": 8080},
+        "admin": {"port": 8080, "tokens": [{"id": "a", "token": "t", "scopes": ["scim"]}]},
         "directory": {"file": "directory.yaml"},
         "assertion": {"private_key_file": "missing.pem", "previous_key_files": ["old.pem"]},
         "apps": {"cp": {"dialect": "activeplatform", "upstream": "http://127.0.0.1:9"},
                  "cp2": {"dialect": "activeplatform", "upstream": "http://127.0.0.1:9"}},
     }))  # fmt: skip
-    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 1
+    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.splitlines()
@@ -201,12 +201,14 @@ def test_check_config_names_every_problem_on_its_own_line(tmp_path: Path, capsys
 
 def test_check_config_stops_at_a_config_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "config.yaml").write_text("server: {port: eighty}\n")
-    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 1
+    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 2
     assert capsys.readouterr().err == "impersonation-gateway: error: server.port: expected an integer, got 'eighty'\n"
     (tmp_path / "config.yaml").write_text(
         "directory: {file: dir.yaml}\napps: {x: {dialect: pyramid, upstream: 'http://127.0.0.1:9'}}\n"
     )
     (tmp_path / "dir.yaml").write_text('{"apps": {"x": {"subjects_file": "s.jsonl"}}}')
     (tmp_path / "s.jsonl").write_text('{"id": "1"}\nnot json\n')
-    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 1
-    assert capsys.readouterr().err == ("impersonation-gateway: error: directory.file: s.jsonl:2: not a JSON object\n")
+    assert main(["check-config", "--config", str(tmp_path / "config.yaml")]) == 2
+    assert capsys.readouterr().err == (
+        "impersonation-gateway: error: directory.file: s.jsonl:2: not valid JSON (a line cut short?)\n"
+    )

@@ -83,3 +83,9 @@ def test_missing_or_invalid_file(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("server: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml", env={})
+    (tmp_path / "bad.yaml").write_text("server:\n  port: 8080\n  host: a: b\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path / "bad.yaml", env={})
+    assert str(raised.value) == (
+        f"config: {tmp_path / 'bad.yaml'}:3:10: not valid YAML: mapping values are not allowed here"
+    )

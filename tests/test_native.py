@@ -134,7 +134,8 @@ async def test_credentials_and_methods(gateway: GatewayFactory) -> None:
     assert (await problem(wrong, 401))["detail"] == "the credential is not valid for this app"
     assert wrong.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
     basic = await client.post("/v1/grants", json=body, headers={"Authorization": f"Basic {AP}"})
-    await problem(basic, 401)
+    assert (await problem(basic, 401))["detail"] == "Authorization: Bearer <credential> is required"
+    assert basic.headers["WWW-Authenticate"] == "Bearer"
     twice = await client.post("/v1/grants", json=body, headers=[("Authorization", f"Bearer {AP}")] * 2)
     await problem(twice, 401)
     raw = await client.post("/v1/grants", data=b"{not json", headers={"Authorization": f"Bearer {AP}"})

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
 from gateway.app import create_app
 from gateway.directory import parse_directory
@@ -106,7 +107,13 @@ async def test_one_grant_by_id(gw: Gateway, upstream: Upstream) -> None:
     assert await gw.call("DELETE", f"/v1/grants/{revoked['grant_id']}") == (204, None)
     status, body = await gw.call("DELETE", f"/v1/grants/{revoked['grant_id']}")
     assert (status, body["detail"]) == (404, "no live grant has that id")
-    assert await gw.redeem(revoked) == 401  # the ordinary refusal
+    with capture_logs() as logs:
+        assert await gw.redeem(revoked) == 401  # the ordinary refusal, logged and counted as revoked
+    (refused,) = [e for e in logs if e["event"] == "grant_refused"]
+    assert (refused["reason"], refused["grant_id"]) == ("revoked", revoked["grant_id"])
+    assert 'gateway_grants_refused_total{app="control-panel",dialect="activeplatform",reason="revoked"} 1.0' in (
+        await (await gw.client.get("/metrics")).text()
+    )
     assert await gw.redeem(kept) == 200
     assert (await gw.call("DELETE", f"/v1/grants/{kept['grant_id']}"))[0] == 404  # redeemed: no longer live
     for bad in ("short", "x" * 17, "%2F..%2F"):
@@ -176,9 +183,12 @@ async def test_bad_revocations_are_problems(gw: Gateway, body: Any, status: int,
 
 async def test_tokens_and_scopes(gw: Gateway) -> None:
     grant = await gw.mint()
-    for token in (None, "guess"):
+    details = {None: "an admin bearer token is needed (Authorization: Bearer <token>)",
+               "guess": "the admin bearer token is not valid"}  # fmt: skip
+    for token, detail in details.items():
         status, body = await gw.call("DELETE", f"/v1/grants/{grant['grant_id']}", token=token)
-        assert (status, body["type"]) == (401, "urn:impersonation-gateway:problem:unauthenticated")
+        assert (status, body["type"], body["detail"]) == (401, "urn:impersonation-gateway:problem:unauthenticated",
+                                                          detail)  # fmt: skip
     status, body = await gw.call("POST", "/v1/revocations", {"app": "control-panel"}, token=PROVISIONER)
     assert (status, body["detail"]) == (403, "the token 'idp' lacks the 'revoke' scope")
     status, body = await gw.call("GET", "/v1/revocations")
