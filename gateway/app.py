@@ -31,7 +31,7 @@ from .assertion import Signer, load_key, load_public_key
 from .config import Config
 from .core import REASON_HEADER, Gateway, parse_reason
 from .dialects import Dialect, HttpRequest, all_dialects
-from .errors import GatewayError, StoreUnavailable
+from .errors import GatewayError, MethodNotAllowed, StoreUnavailable
 from .logging import FLUSH_SECONDS, REQUEST_ID, bind_request, flush_logs, log_request, unbind_request
 from .metrics import Metrics
 from .proxy import STREAMING, Proxy
@@ -301,6 +301,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         dialect = dialects[app.dialect]
         matched = dialect.match(request.method, path)
         if matched is None or matched[0].kind not in ("mint", "info"):
+            allowed = dialect.methods_at(path)
+            if allowed:  # the path of a mint or info endpoint, another method: never the app's (nor its credential)
+                request[KIND] = "mint"
+                return dialect.error_response(MethodNotAllowed(allowed))
             continue
         endpoint, params = matched
         request[KIND] = endpoint.kind

@@ -8,10 +8,12 @@ Core raises these; each dialect renders every one of them in its vendor's shape:
     ├── Forbidden          403  the actor may not mint this grant
     ├── NotFound           404  the subject (or the reseller in the path) does not exist
     ├── GrantRefused       401  a redemption failed (unknown, expired, used, mismatched: one answer)
+    ├── MethodNotAllowed   405  another method on a mint or info path (never passed to the app)
     ├── RequestTimeout     408  the client stopped sending its request body
     ├── PayloadTooLarge    413  the request body is over the configured limit
     ├── UnsupportedEncoding 415 the body's Content-Encoding is unknown, or its data does not decode
     ├── RateLimited        429  too many failed credentials from this client or for this credential
+    ├── UpstreamUnavailable 502 the app's upstream cannot be reached (504: no connection in time)
     └── StoreUnavailable   503  Redis did not answer in time
 
 Exceptions carry fields, not prose: a dialect turns them into its own texts.
@@ -80,6 +82,16 @@ class GrantRefused(GatewayError):
         self.reason = reason
 
 
+class MethodNotAllowed(GatewayError):
+    """A mint or info path asked with a method it does not serve; ``allowed`` goes in the ``Allow`` header."""
+
+    status = 405
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        super().__init__(allowed)
+        self.allowed = allowed
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
 
@@ -118,3 +130,16 @@ class RateLimited(GatewayError):
 
 class StoreUnavailable(GatewayError):
     status = 503
+
+
+class UpstreamUnavailable(GatewayError):
+    """No connection to the app's upstream: refused or failed (502), or none within its connect timeout, all
+    of them busy or the app slow to accept (``timeout``, 504). A redemption meeting it spends no grant."""
+
+    status = 502
+
+    def __init__(self, timeout: bool = False) -> None:
+        super().__init__(timeout)
+        self.timeout = timeout
+        if timeout:
+            self.status = 504

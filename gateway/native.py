@@ -25,6 +25,7 @@ from .errors import (
     GatewayError,
     GrantRefused,
     Invalid,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -32,6 +33,7 @@ from .errors import (
     StoreUnavailable,
     Unauthenticated,
     UnsupportedEncoding,
+    UpstreamUnavailable,
 )
 from .logging import bind_request
 
@@ -87,6 +89,9 @@ def error_problem(error: GatewayError) -> web.Response:
             return problem(404, "not-found", "Not found", f"the subject has no {field}, which its login link needs")
         case GrantRefused():
             return problem(401, "grant-refused", "Grant refused", "the grant is unknown, expired or already used")
+        case MethodNotAllowed(allowed=allowed):
+            return problem(405, "method-not-allowed", "Method not allowed", f"use {', '.join(allowed)}",
+                           Allow=", ".join(allowed))  # fmt: skip
         case RequestTimeout():
             response = problem(408, "request-timeout", "Request timeout", "the request body did not arrive in time")
             response.force_close()
@@ -101,6 +106,8 @@ def error_problem(error: GatewayError) -> web.Response:
             return problem(429, "rate-limited", "Too many requests", detail, **{"Retry-After": str(seconds)})
         case StoreUnavailable():
             return problem(503, "unavailable", "Service unavailable", "the store is not answering; retry shortly")
+        case UpstreamUnavailable(status=status):
+            return problem(status, "upstream-unavailable", "Upstream unavailable", "the application cannot be reached")
     return problem(500, "internal", "Internal error", "an unexpected error; it is logged")
 
 

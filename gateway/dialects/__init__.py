@@ -23,7 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy, 
 
 from ..config import DIALECTS, AppConfig
 from ..core import ImpersonationCommand, MintResult
-from ..errors import GatewayError, RateLimited, RequestTimeout
+from ..errors import GatewayError, MethodNotAllowed, RateLimited, RequestTimeout
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,11 @@ class Dialect(ABC):
                 return endpoint, params
         return None
 
+    def methods_at(self, path: str) -> tuple[str, ...]:
+        """The methods of the mint and info endpoints at ``path`` (any other method there is refused with 405: such a
+        path and its credentials are the gateway's, never the app's)."""
+        return tuple(e.method for e in self.endpoints if e.kind in ("mint", "info") and e.pattern.fullmatch(path))
+
     @abstractmethod
     def parse(self, req: HttpRequest, app: AppConfig) -> ImpersonationCommand:
         """The command in a mint request; raises a GatewayError for bad input."""
@@ -155,6 +160,8 @@ class Dialect(ABC):
         response = self.render_error(error)
         if isinstance(error, RequestTimeout):
             response.force_close()
+        elif isinstance(error, MethodNotAllowed):
+            response.headers["Allow"] = ", ".join(error.allowed)
         return response
 
 

@@ -17,6 +17,7 @@ from ..errors import (
     GatewayError,
     GrantRefused,
     Invalid,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -24,6 +25,7 @@ from ..errors import (
     StoreUnavailable,
     Unauthenticated,
     UnsupportedEncoding,
+    UpstreamUnavailable,
 )
 from . import Carrier, Dialect, Endpoint, HttpRequest, Where, json_response
 
@@ -106,6 +108,8 @@ def _describe(error: GatewayError) -> tuple[str, str, str]:
             return "invalid_parameter", "Bad Request", f"The {field} parameter must be a number."
         case GrantRefused():
             return "unauthorized", "Unauthorized", "The login token is invalid or has expired."
+        case MethodNotAllowed(allowed=allowed):
+            return "method_not_allowed", "Method Not Allowed", f"This endpoint accepts {', '.join(allowed)} only."
         case PayloadTooLarge(limit=limit):
             return "payload_too_large", "Payload Too Large", f"The request body exceeds {limit} bytes."
         case UnsupportedEncoding(encoding=encoding):
@@ -120,6 +124,10 @@ def _describe(error: GatewayError) -> tuple[str, str, str]:
             return "too_many_requests", "Too Many Requests", f"Too many failed attempts; retry in {seconds} s."
         case StoreUnavailable():
             return "service_unavailable", "Service Unavailable", "The service is temporarily unavailable."
+        case UpstreamUnavailable(timeout=True):
+            return "gateway_timeout", "Gateway Timeout", "The application did not accept a connection in time."
+        case UpstreamUnavailable():
+            return "bad_gateway", "Bad Gateway", "The application cannot be reached."
     return "internal_error", "Internal Server Error", "An unexpected error occurred."
 
 

@@ -23,6 +23,7 @@ from ..errors import (
     GatewayError,
     GrantRefused,
     Invalid,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -30,6 +31,7 @@ from ..errors import (
     StoreUnavailable,
     Unauthenticated,
     UnsupportedEncoding,
+    UpstreamUnavailable,
 )
 from . import Carrier, Dialect, Endpoint, HttpRequest, Where, bearer, json_response
 
@@ -103,6 +105,7 @@ CATALOGUE: dict[str, Entry] = {
     "ER925": Entry(
         400, "Impersonation reason is invalid.", "Send one X-Impersonation-Reason of 200 printable characters at most."
     ),
+    "ER928": Entry(405, "Method not allowed.", "Use the method the Allow header names."),
     "ER999": Entry(500, "A general error has occurred. Please contact our support team.", "Contact our support team."),
 }
 
@@ -143,8 +146,11 @@ class BtcDirect(Dialect):
     def render_error(self, error: GatewayError) -> web.Response:
         code = _code(error)
         entry = CATALOGUE[code]
-        # A refused redemption is 401 in every dialect (one answer, no oracle); a store outage is 503.
-        status = error.status if isinstance(error, StoreUnavailable | GrantRefused) else entry.status
+        # A refused redemption is 401 in every dialect (one answer, no oracle); a store outage is 503, an
+        # unreachable app 502 or 504 (ER999, the seed's general error).
+        status = (
+            error.status if isinstance(error, StoreUnavailable | GrantRefused | UpstreamUnavailable) else entry.status
+        )
         body = {"errors": {code: {"code": code, "message": entry.message, "solution": entry.solution}}}
         return json_response(body, status=status, error=error)
 
@@ -222,6 +228,8 @@ def _code(error: GatewayError) -> str:
             # The login token (and its uuid) is a one-time user token: one answer for unknown, expired, used,
             # mismatched or revoked, so nothing tells which.
             return "ER702"
+        case MethodNotAllowed():
+            return "ER928"
         case PayloadTooLarge():
             return "ER921"
         case UnsupportedEncoding():
@@ -230,7 +238,7 @@ def _code(error: GatewayError) -> str:
             return "ER923"
         case RateLimited():
             return "ER920"
-    return "ER999"  # StoreUnavailable (503) and anything unexpected (500)
+    return "ER999"  # StoreUnavailable (503), UpstreamUnavailable (502, 504) and anything unexpected (500)
 
 
 dialect = BtcDirect()

@@ -28,6 +28,7 @@ from ..errors import (
     GatewayError,
     GrantRefused,
     Invalid,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -35,6 +36,7 @@ from ..errors import (
     StoreUnavailable,
     Unauthenticated,
     UnsupportedEncoding,
+    UpstreamUnavailable,
 )
 from . import Carrier, Dialect, Endpoint, HttpRequest, Where, json_response
 
@@ -159,6 +161,13 @@ def _describe(error: GatewayError) -> tuple[str, str, int, str]:
             return "unauthenticated_error", "The login token is invalid or has expired", 112, "login_token_invalid"
         case Forbidden():
             return "forbidden_error", "You are not allowed to log in as this client", 120, "permission_denied"
+        case MethodNotAllowed(allowed=allowed):
+            return (
+                "method_not_allowed_error",
+                f"Method not allowed; use {', '.join(allowed)}",
+                133,
+                "method_not_allowed",
+            )
         case PayloadTooLarge(limit=limit):
             return "payload_too_large_error", f"Request body exceeds {limit} bytes", 130, "payload_too_large"
         case UnsupportedEncoding(encoding=encoding):
@@ -174,6 +183,10 @@ def _describe(error: GatewayError) -> tuple[str, str, int, str]:
             return "rate_limit_error", f"Too many failed attempts; retry in {seconds} s", 140, "too_many_requests"
         case StoreUnavailable():
             return "service_unavailable_error", "Service temporarily unavailable", 150, "service_unavailable"
+        case UpstreamUnavailable(timeout=True):
+            return "gateway_timeout_error", "The application did not answer in time", 152, "upstream_timeout"
+        case UpstreamUnavailable():
+            return "bad_gateway_error", "The application cannot be reached", 151, "upstream_unavailable"
     return "internal_server_error", "Internal server error", 100, "internal_error"
 
 

@@ -23,6 +23,7 @@ from ..errors import (
     GatewayError,
     GrantRefused,
     Invalid,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -30,6 +31,7 @@ from ..errors import (
     StoreUnavailable,
     Unauthenticated,
     UnsupportedEncoding,
+    UpstreamUnavailable,
 )
 from . import Carrier, Dialect, Endpoint, HttpRequest, Where, load_json_object, text_response
 
@@ -158,6 +160,8 @@ def _describe(error: GatewayError) -> tuple[int, str]:
             return 403, "Not allowed: the user is outside this admin's domain"
         case GrantRefused():
             return 401, "Invalid or expired token"
+        case MethodNotAllowed(allowed=allowed):
+            return 405, f"Method not allowed; use {', '.join(allowed)}"
         case PayloadTooLarge(limit=limit):
             return 413, f"Request body is larger than {limit} bytes"
         case UnsupportedEncoding(encoding=encoding):
@@ -168,6 +172,10 @@ def _describe(error: GatewayError) -> tuple[int, str]:
             return 429, f"Too many failed attempts; retry in {seconds} s"
         case StoreUnavailable():
             return 503, "Service unavailable"
+        case UpstreamUnavailable(timeout=True):
+            return 504, "Application did not answer in time"
+        case UpstreamUnavailable():
+            return 502, "Application unavailable"
     return 500, "Internal server error"
 
 

@@ -165,3 +165,21 @@ async def test_pass_through_strips_client_assertion(gateway: GatewayFactory, ups
     (seen,) = upstream.requests
     assert (seen.method, seen.path, seen.query, seen.body) == ("POST", "/orders", {"x": "1"}, b"hello")
     assert "X-Impersonation-Assertion" not in seen.headers
+
+
+async def test_another_method_on_the_mint_path_is_405_and_never_reaches_the_app(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    """The manager's X-Api-Token belongs to the gateway: a POST, PUT, HEAD or OPTIONS there is no request for the
+    app (it would carry the token to it)."""
+    client = await gateway()
+    for method in ("POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"):
+        response = await client.request(method, SEED_PATH, headers=SEED_HEADERS, data=b"{}")
+        assert (response.status, response.headers["Allow"]) == (405, "GET"), method
+        if method != "HEAD":
+            assert await response.json(content_type=MEDIA) == {"errors": [{
+                "status": "405", "code": "method_not_allowed", "title": "Method Not Allowed",
+                "detail": "This endpoint accepts GET only.",
+            }]}  # fmt: skip
+    assert upstream.requests == []
+    assert (await mint(client)).status == 200  # the GET still mints

@@ -14,6 +14,7 @@ from gateway.errors import (
     GatewayError,
     GrantRefused,
     Invalid,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -29,6 +30,7 @@ ERRORS: list[GatewayError] = [
     Forbidden("role"),
     NotFound("subject"),
     GrantRefused("unknown"),
+    MethodNotAllowed(("GET",)),
     RequestTimeout(30.0),
     PayloadTooLarge(65536),
     UnsupportedEncoding("br"),
@@ -57,3 +59,5 @@ def test_every_error_has_its_own_answer_in_every_dialect(dialect: Dialect, error
         assert response.status == 408 and not dialect.error_response(error).keep_alive
     if isinstance(error, UnsupportedEncoding):
         assert response.status == 415
+    if isinstance(error, MethodNotAllowed):
+        assert response.status == 405 and dialect.error_response(error).headers["Allow"] == "GET"
