@@ -92,6 +92,7 @@ class Grant:
     bound: tuple[str, ...] = ()  # the fields of this grant (email, uuid) its carrier must bring back
     reason: str | None = None
     family: str | None = None  # the id of the mint's first grant, for the further grants of the same mint
+    inc: str | None = None  # the incarnation of the subject it was minted for (short: stored with every grant)
 
     def bound_values(self) -> dict[str, str]:
         return {name: str(getattr(self, name, None)) for name in self.bound}
@@ -131,6 +132,20 @@ def parse_reason(values: Sequence[str]) -> str | None:
     if len(reason) > REASON_MAX or not reason.isprintable():
         raise Invalid("reason", "value")
     return reason or None
+
+
+# custom_data (Pyramid's customData, the native API's custom_data) rides in the assertion header: 1 KiB keeps an
+# assertion far below what any app's header parser takes (8 KiB is common), so an app never refuses it.
+CUSTOM_DATA_MAX = 1024
+
+
+def check_custom_data(value: Any, name: str) -> Any:
+    """``value`` when its size (a string's UTF-8 bytes, else its compact JSON) is at most :data:`CUSTOM_DATA_MAX`;
+    Invalid(name, "too_large") otherwise."""
+    size = len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else len(orjson.dumps(value))
+    if size > CUSTOM_DATA_MAX:
+        raise Invalid(name, "too_large")
+    return value
 
 
 def grant_id(token: str) -> str:
@@ -385,6 +400,7 @@ class Gateway:
             bound=bound,
             reason=cmd.reason,
             family=family,
+            inc=subject.incarnation,
         )
         return token, grant
 
@@ -555,6 +571,8 @@ class Gateway:
             subject = await self.directory.subject(app.name, grant.subject)
         if subject is None or not subject.active:  # removed, or deactivated, since the grant was minted
             self._refuse(app, "revoked", client, grant, request_id)
+        if subject.incarnation != grant.inc:  # re-created or reactivated since: another life of the subject
+            self._refuse(app, "subject_changed", client, grant, request_id)
         claims: dict[str, Any] = {
             "aud": app.name,
             "sub": grant.subject,

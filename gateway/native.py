@@ -18,7 +18,7 @@ from aiohttp import web
 
 from . import body as bodies
 from .config import AppConfig, Config
-from .core import Gateway, ImpersonationCommand, SubjectRef, parse_reason
+from .core import CUSTOM_DATA_MAX, Gateway, ImpersonationCommand, SubjectRef, check_custom_data, parse_reason
 from .dialects import Dialect, bearer, load_json_object
 from .errors import (
     Forbidden,
@@ -35,7 +35,7 @@ from .errors import (
     UnsupportedEncoding,
     UpstreamUnavailable,
 )
-from .logging import bind_request
+from .logging import bind_request, unexpected
 
 log = structlog.get_logger("gateway")
 
@@ -69,6 +69,8 @@ def error_problem(error: GatewayError) -> web.Response:
             return problem(400, "invalid-request", "Invalid request", "app: no app of that name")
         case Invalid(field=field, reason="missing"):
             return problem(400, "invalid-request", "Invalid request", f"{field}: required")
+        case Invalid(field=field, reason="too_large"):
+            return problem(400, "invalid-request", "Invalid request", f"{field}: at most {CUSTOM_DATA_MAX} bytes")
         case Invalid(field=field):
             return problem(400, "invalid-request", "Invalid request", f"{field}: not a valid value")
         case Unauthenticated(reason="missing"):
@@ -168,7 +170,7 @@ def command(data: dict[str, Any], credential: str | None, config: Config, dialec
         credential=credential,
         target=SubjectRef(id=subject),
         client=client,
-        custom_data=data.get("custom_data"),
+        custom_data=check_custom_data(data.get("custom_data"), "custom_data"),
         bind=dialects[app.dialect].link_bind,
         credential_name="authorization",
         reason=parse_reason([reason] if reason is not None else []),
@@ -203,9 +205,9 @@ async def mint(
         result = await gateway.mint(cmd, request_id)
     except GatewayError as exc:
         return error_problem(exc)
-    except Exception:
+    except Exception as exc:
         bind_request(request)
-        log.exception("unhandled_error", api="native")
+        log.error("unhandled_error", api="native", **unexpected(exc))
         return error_problem(GatewayError())
     app = config.app(cmd.app)
     url = dialects[app.dialect].login_url(result, app, config.public_url_of(app))

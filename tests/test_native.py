@@ -115,6 +115,12 @@ async def test_the_same_policy_as_the_dialects(gateway: GatewayFactory) -> None:
         ({"app": "control-panel", "subject": "505", "reason": "a\nb"}, 400, BAD_REASON),
         ({"app": "control-panel", "subject": "505", "ttl": 5}, 400, "ttl: not a field of this request"),
         ({"app": "control-panel", "subject": "404"}, 404, "no active subject has that id"),
+        ({"app": "control-panel", "subject": "505", "custom_data": "x" * 1025}, 400, "custom_data: at most 1024 bytes"),
+        (
+            {"app": "control-panel", "subject": "505", "custom_data": {"k": "x" * 1017}},
+            400,
+            "custom_data: at most 1024 bytes",
+        ),
         ([1, 2], 400, "the body must be a JSON object"),
         ("505", 400, "the body must be a JSON object"),
     ],
@@ -183,3 +189,15 @@ async def test_on_an_apps_own_host_the_path_is_the_apps(gateway: GatewayFactory,
     response = await native(client, {"app": "control-panel", "subject": "505"}, Host="panel.test")
     assert response.status == 200 and upstream.requests[-1].path == "/v1/grants"  # passed to the app
     assert (await native(client, {"app": "control-panel", "subject": "505"})).status == 201  # the gateway's host
+
+
+async def test_custom_data_up_to_one_kib_rides_in_the_assertion(gateway: GatewayFactory, upstream: Upstream) -> None:
+    client = await gateway(apps=APPS, directory=DIRECTORY)
+    largest = {"k": "x" * 1016}  # 1024 bytes of JSON
+    response = await native(client, {"app": "control-panel", "subject": "505", "custom_data": largest})
+    assert response.status == 201, await response.text()
+    link = (await response.json())["login_url"].split("/", 3)[3]
+    assert (await client.get("/" + link)).status == 200
+    (seen,) = upstream.requests
+    assert upstream.claims()["custom_data"] == largest
+    assert len(seen.headers["X-Impersonation-Assertion"]) < 2500

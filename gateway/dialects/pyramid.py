@@ -11,13 +11,20 @@ takes the same fields wrapped in ``{"data": {...}}``. Errors are short ``text/pl
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
 from ..config import AppConfig
-from ..core import REASON_HEADER, REASON_MAX, ImpersonationCommand, MintResult, SubjectRef
+from ..core import (
+    CUSTOM_DATA_MAX,
+    REASON_HEADER,
+    REASON_MAX,
+    ImpersonationCommand,
+    MintResult,
+    SubjectRef,
+    check_custom_data,
+)
 from ..errors import (
     Forbidden,
     GatewayError,
@@ -37,8 +44,6 @@ from . import Carrier, Dialect, Endpoint, HttpRequest, Where, load_json_object, 
 
 IDENTITY_LIMIT = 512  # characters: longer than any user name, UPN or DOMAIN\user
 DOMAIN_LIMIT = 255
-# customData travels in the assertion header: keep it well below common 8 KiB header limits.
-CUSTOM_DATA_LIMIT = 2048  # bytes, as JSON-encoded in the assertion
 API3 = Endpoint("POST", "/API3/authentication/authenticateUserByToken", ignore_case=True)
 API2 = Endpoint("POST", "/API2/auth/authenticateUserByToken", ignore_case=True)  # fields wrapped in {"data": ...}
 
@@ -75,8 +80,8 @@ class Pyramid(Dialect):
             raise Invalid("userIdentity", "value")
         if domain and len(domain) > DOMAIN_LIMIT:
             raise Invalid("domain", "value")
-        if custom_data and len(json.dumps(custom_data)) > CUSTOM_DATA_LIMIT:
-            raise Invalid("customData", "value")
+        if custom_data:
+            check_custom_data(custom_data, "customData")
         user, user_domain = _split_identity(identity, domain or None)
         return ImpersonationCommand(
             app=app.name,
@@ -146,6 +151,8 @@ def _describe(error: GatewayError) -> tuple[int, str]:
             return 400, "data must be an object"
         case Invalid(field=field, reason="type"):
             return 400, f"{field} must be a string"
+        case Invalid(field=field, reason="too_large"):
+            return 400, f"{field} must be {CUSTOM_DATA_MAX} bytes at most"
         case Invalid(field=field):
             return 400, f"Invalid {field}"
         case NotFound():

@@ -152,8 +152,18 @@ BAD_REQUESTS: list[tuple[str, Any, int, str]] = [
     (API3, {"token": EA, "userIdentity": "jdoe", "customData": {"a": 1}}, 400, "customData must be a string"),
     (API3, {"token": EA, "userIdentity": "j" * 513}, 400, "Invalid userIdentity"),
     (API3, {"token": EA, "userIdentity": "jdoe", "domain": "d" * 256}, 400, "Invalid domain"),
-    (API3, {"token": EA, "userIdentity": "jdoe", "customData": "c" * 3000}, 400, "Invalid customData"),
-    (API3, {"token": EA, "userIdentity": "jdoe", "customData": "\u00e9" * 500}, 400, "Invalid customData"),
+    (
+        API3,
+        {"token": EA, "userIdentity": "jdoe", "customData": "c" * 1025},
+        400,
+        "customData must be 1024 bytes at most",
+    ),
+    (
+        API3,
+        {"token": EA, "userIdentity": "jdoe", "customData": "\u00e9" * 513},
+        400,
+        "customData must be 1024 bytes at most",
+    ),
     (API3, {"token": EA, "userIdentity": "\\jdoe"}, 400, "Invalid userIdentity"),
     (API3, {"token": EA, "userIdentity": "SALES\\"}, 400, "Invalid userIdentity"),
     (
