@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import re
 import secrets
@@ -407,11 +408,11 @@ class Gateway:
     async def _authorise(self, app: AppConfig, cmd: ImpersonationCommand, request_id: str) -> tuple[Principal, Subject]:
         if cmd.credential is None:
             raise Unauthenticated("missing", cmd.credential_name)
-        self._check_blocked(cmd)
+        self._check_blocked(self._failure_keys(cmd))
         actors = self.directory.actors(app.name)
         principal = actors.principal(credential_hash(cmd.credential))
         if principal is None:
-            await self._record_failure(cmd, request_id)
+            await self._record_failure(self._failure_keys(cmd), cmd.client, cmd.app, request_id)
             raise Unauthenticated("unknown", cmd.credential_name)
         if principal.role not in app.roles_allowed_to_mint:
             raise Forbidden("role")
@@ -483,28 +484,27 @@ class Gateway:
             keys.append(("credential", fingerprint(cmd.credential)))
         return keys
 
-    def _check_blocked(self, cmd: ImpersonationCommand) -> None:
+    def _check_blocked(self, keys: Sequence[tuple[str, str]]) -> None:
         now = time.monotonic()
-        for kind, value in self._failure_keys(cmd):
+        for kind, value in keys:
             until = self._blocked.get(f"{kind}:{value}")
             if until is not None:
                 if until > now:
                     raise RateLimited(max(1, int(until - now + 0.999)))
                 del self._blocked[f"{kind}:{value}"]
 
-    async def _record_failure(self, cmd: ImpersonationCommand, request_id: str) -> None:
+    async def _record_failure(self, keys: Sequence[tuple[str, str]], client: str, app: str, request_id: str) -> None:
         """Count a failed credential in Redis (shared by every process); over the limit, block locally.
 
         Only failures cost a round trip: the counters are shared, so each process learns of a block at
         the next failure it sees, and a good credential never waits on Redis for this.
         """
         limits = self.config.rate_limit
-        keys = self._failure_keys(cmd)
         counts = await self.store.record_failure(keys, limits.window_seconds)
         for (kind, value), count in zip(keys, counts, strict=True):
             if count >= limits.failures:
                 self._blocked[f"{kind}:{value}"] = time.monotonic() + limits.window_seconds
-                log.warning("credential_rate_limited", audit=True, kind=kind, client=cmd.client, app=cmd.app,
+                log.warning("credential_rate_limited", audit=True, kind=kind, client=client, app=app,
                             **_request(request_id))  # fmt: skip
 
     # -- redemption ---------------------------------------------------------------------------------
@@ -515,7 +515,20 @@ class Gateway:
         Unknown, expired, reused, mismatched or revoked grants all raise the same GrantRefused (its reason is for
         logs and metrics), and so does a request holding more than one live grant (each is spent). When only
         passive carriers were offered and none held a grant, this is no redemption: None.
+
+        Refusals are counted per client like failed credentials (``rate_limit``): past the limit, the client's
+        redemptions raise RateLimited, consuming nothing, so guessing grants costs a window per few tries.
         """
+        keys = [("redeem", client)]
+        self._check_blocked(keys)
+        try:
+            return await self._redeem(offers, client, request_id)
+        except GrantRefused:
+            with contextlib.suppress(StoreUnavailable):  # the refusal stands; its count is best effort
+                await self._record_failure(keys, client, offers[0].app, request_id)
+            raise
+
+    async def _redeem(self, offers: Sequence[Offer], client: str, request_id: str) -> Redemption | None:
         tokens = list(dict.fromkeys(o.token for o in offers))
         consumed = await asyncio.gather(*(self.store.consume(grant_id(t)) for t in tokens))
         first = self.config.app(offers[0].app)
