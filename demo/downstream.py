@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import html
 import secrets
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway.app import ListenError
 from gateway.downstream import Impersonation, Verifier, impersonation, middleware
 
 SESSION_COOKIE = "demo_session"
@@ -127,7 +129,11 @@ def main() -> None:
     args = parser.parse_args()
     audiences = tuple(name.strip() for name in args.audience.split(",") if name.strip())
     settings = Settings(gateway=args.gateway, audiences=audiences, issuer=args.issuer)
-    web.run_app(create_app(settings), host=args.host, port=args.port)
+    try:
+        web.run_app(create_app(settings), host=args.host, port=args.port)
+    except OSError as exc:  # the listener's bind: the only OSError run_app lets out before serving
+        print(f"demo/downstream.py: error: {ListenError(args.host, args.port, '--port', exc)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
