@@ -2,10 +2,13 @@
 
 An app behind the gateway may read a query, cookie or header in more ways than one: names in any case or
 percent-encoded, ``;`` as well as ``&`` between query pairs, the last duplicate rather than the first, a
-second ``Cookie`` header, a quoted cookie, a comma-joined header. So the gateway looks for grants every
-one of those ways: any grant-shaped value (:data:`gateway.core.TOKEN_SHAPE`) in any spelling of a carrier's
-field is offered for redemption, and removed from what the app receives. The nginx configuration routes on
-the same rule (:mod:`gateway.nginx`), so both paths agree on what holds a grant.
+second ``Cookie`` header, a quoted cookie, a comma-joined header. Frameworks go further: PHP reads
+``user.token``, ``user token`` and ``user[token`` as ``user_token``; PHP, Rack and ``qs`` read ``token[]`` and
+``token[0]`` as ``token``; a URL parser ends the query at ``#``; an app may drop a scheme (``Bearer G``),
+quotes, base64 padding (``G==``) or percent-encoding from a value. So the gateway looks for grants every one
+of those ways (:func:`field_name`, :func:`grant_in`): any grant-shaped value (:data:`gateway.core.TOKEN_SHAPE`)
+in any spelling of a carrier's field is offered for redemption, and removed from what the app receives. The
+nginx configuration routes on the same rule (:mod:`gateway.nginx`), so both paths agree on what holds a grant.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from multidict import CIMultiDict, MultiMapping
 from .core import TOKEN_SHAPE, Offer
 from .dialects import Carrier, Where
 
-_PAIRS = re.compile(r"([&;])")
+_PAIRS = re.compile(r"([&;#])")  # "#": a client that sends the fragment; an app's URL parser ends the query there
 _COOKIE_PIECES = re.compile(r"([;,])")
+_BLANK = " \t"
 
 
 @dataclass(frozen=True)
@@ -38,36 +42,52 @@ def shaped(value: str) -> bool:
     return TOKEN_SHAPE.fullmatch(value) is not None
 
 
-def _name(raw: str) -> str:
-    return (unquote_plus(raw) if "%" in raw or "+" in raw else raw).lower()
+def _decoded(raw: str) -> str:
+    return unquote_plus(raw) if "%" in raw or "+" in raw else raw
+
+
+def field_name(raw: str) -> str:
+    """A query or form field's name as some app reads it: percent-decoded and lower-cased; ``.``, `` `` and an
+    unclosed ``[`` read as ``_`` (PHP); an array suffix dropped (``token[]``, ``token[0]``: PHP, Rack, qs)."""
+    name, bracket, rest = _decoded(raw).partition("[")
+    if bracket and "]" not in rest:
+        name = f"{name}_{rest}"
+    return name.replace(".", "_").replace(" ", "_").lower()
+
+
+def grant_in(value: str) -> str:
+    """The grant a carrier's (decoded) value may hold for an app: its last space-separated word (``Bearer G``),
+    unquoted (``"G"``), without base64 padding (``G==``). Only a grant-shaped one is offered."""
+    word = value.strip(_BLANK + '"').replace("\t", " ").rpartition(" ")[2]
+    return word.strip('"').rstrip("=")
 
 
 def query_pairs(query: str) -> list[tuple[str, str]]:
-    """``(name, value)`` of every pair of a raw query string or form body: names decoded and lower-cased,
-    values decoded; pairs split on ``&`` and ``;``."""
+    """``(name, value)`` of every pair of a raw query string or form body: names as :func:`field_name` reads
+    them, values decoded; pairs split on ``&``, ``;`` and ``#``."""
     pairs = []
     for raw in _PAIRS.split(query)[::2]:
         if raw:
             name, _, value = raw.partition("=")
-            pairs.append((_name(name), unquote_plus(value) if "%" in value or "+" in value else value))
+            pairs.append((field_name(name), _decoded(value)))
     return pairs
 
 
 def cookie_pairs(headers: MultiMapping[str]) -> list[tuple[str, str]]:
-    """``(name, value)`` of every cookie in every ``Cookie`` header: names lower-cased, values unquoted; split on
-    ``;`` and ``,``, so that a cookie hidden in another's quoted value is seen as an app might see it."""
+    """``(name, value)`` of every cookie in every ``Cookie`` header: names lower-cased, values percent-decoded;
+    split on ``;`` and ``,``, so that a cookie hidden in another's quoted value is seen as an app might see it."""
     pairs = []
     for header in headers.getall("Cookie", ()):
         for piece in _COOKIE_PIECES.split(header)[::2]:
             name, sep, value = piece.partition("=")
             if sep:
-                pairs.append((name.strip().lower(), value.strip().strip('"').strip()))
+                pairs.append((name.strip(_BLANK).lower(), _decoded(value.strip(_BLANK))))
     return pairs
 
 
 def header_values(headers: MultiMapping[str], name: str) -> list[str]:
-    """Every comma-separated value of every ``name`` header."""
-    return [v.strip() for line in headers.getall(name, ()) for v in line.split(",")]
+    """Every comma-separated value of every ``name`` header, percent-decoded."""
+    return [_decoded(v.strip(_BLANK)) for line in headers.getall(name, ()) for v in line.split(",")]
 
 
 class Carriers:
@@ -77,7 +97,7 @@ class Carriers:
         self._by_where: dict[Where, dict[str, list[tuple[str, Carrier]]]] = {w: {} for w in Where}
         for app, carriers in apps:
             for carrier in carriers:
-                self._by_where[carrier.where].setdefault(carrier.name.lower(), []).append((app, carrier))
+                self._by_where[carrier.where].setdefault(_index_name(carrier), []).append((app, carrier))
         self.query = self._by_where[Where.QUERY]
         self.cookie = self._by_where[Where.COOKIE]
         self.header = self._by_where[Where.HEADER]
@@ -98,17 +118,17 @@ class Carriers:
         if query and self.query:
             pairs = query_pairs(query)
             for name, value in pairs:
-                if name in self.query and shaped(value):
+                if name in self.query and shaped(grant := grant_in(value)):
                     for app, carrier in self.query[name]:
-                        found.append(Found(carrier, Offer(value, app, _bound(carrier, pairs), False)))
+                        found.append(Found(carrier, Offer(grant, app, _bound(carrier, pairs), False)))
         if self.cookie and "Cookie" in headers:
             for name, value in cookie_pairs(headers):
-                if name in self.cookie and shaped(value):
-                    found.extend(Found(c, Offer(value, app, {}, c.passive)) for app, c in self.cookie[name])
+                if name in self.cookie and shaped(grant := grant_in(value)):
+                    found.extend(Found(c, Offer(grant, app, {}, c.passive)) for app, c in self.cookie[name])
         for name, carriers in self.header.items():
             for value in header_values(headers, name) if name in headers else ():
-                if shaped(value):
-                    found.extend(Found(c, Offer(value, app, {}, c.passive)) for app, c in carriers)
+                if shaped(grant := grant_in(value)):
+                    found.extend(Found(c, Offer(grant, app, {}, c.passive)) for app, c in carriers)
         if body is not None:
             for app, carrier in self.body:
                 if carrier.endpoint is not None and carrier.endpoint.match(method, path) is not None:
@@ -120,11 +140,15 @@ class Carriers:
         return found
 
 
+def _index_name(carrier: Carrier) -> str:
+    return field_name(carrier.name) if carrier.where in (Where.QUERY, Where.BODY) else carrier.name.lower()
+
+
 def _bound(carrier: Carrier, pairs: list[tuple[str, str]]) -> dict[str, str]:
     """The values beside a query carrier that must match the grant's: "" when absent or given twice differently."""
     bound = {}
     for key, name in carrier.bound:
-        values = {v for n, v in pairs if n == name.lower()}
+        values = {v for n, v in pairs if n == field_name(name)}
         bound[key] = values.pop() if len(values) == 1 else ""
     return bound
 
@@ -146,14 +170,14 @@ def body_fields(body: bytes) -> Mapping[str, Any]:
 
 # -- removal ----------------------------------------------------------------------------------------------
 def strip_query(query: str, names: Collection[str], tokens: Collection[str] | None = None) -> str:
-    """``query`` without the pairs named (in any spelling) in ``names`` (lower-case) — only those holding one of
-    ``tokens`` when given; the others untouched."""
+    """``query`` without the pairs named (in any spelling :func:`field_name` reads) in ``names`` (lower-case) —
+    only those holding one of ``tokens`` (as :func:`grant_in` reads them) when given; the others untouched."""
     parts = _PAIRS.split(query)
     kept: list[str] = []
     for i in range(0, len(parts), 2):
         pair = parts[i]
         name, _, value = pair.partition("=")
-        if not pair or (_name(name) in names and (tokens is None or unquote_plus(value) in tokens)):
+        if not pair or (field_name(name) in names and (tokens is None or grant_in(_decoded(value)) in tokens)):
             continue
         if kept:
             kept.append(parts[i - 1])
@@ -169,7 +193,7 @@ def strip_cookies(headers: CIMultiDict[str], names: Collection[str], tokens: Col
         kept: list[str] = []
         for i in range(0, len(parts), 2):
             name, _, value = parts[i].partition("=")
-            if name.strip().lower() in names and value.strip().strip('"').strip() in tokens:
+            if name.strip(_BLANK).lower() in names and grant_in(_decoded(value)) in tokens:
                 continue
             if kept:
                 kept.append(parts[i - 1])
@@ -183,7 +207,7 @@ def strip_headers(headers: CIMultiDict[str], names: Iterable[str], tokens: Colle
     for name in names:
         lines = headers.popall(name, [])
         for line in lines:
-            if not any(v.strip() in tokens for v in line.split(",")):
+            if not any(grant_in(_decoded(v)) in tokens for v in line.split(",")):
                 headers.add(name, line)
 
 
@@ -195,4 +219,4 @@ def strip_body(body: bytes, names: Collection[str]) -> bytes:
         data = None
     if isinstance(data, dict):
         return orjson.dumps({k: v for k, v in data.items() if k not in names})
-    return strip_query(body.decode("utf-8", "replace"), {n.lower() for n in names}).encode()
+    return strip_query(body.decode("utf-8", "replace"), {field_name(n) for n in names}).encode()
