@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -32,6 +34,11 @@ SUBJECT_FIELDS = frozenset(
 
 class DirectoryError(ValueError):
     """A problem in a directory file; ``str()`` names the entry."""
+
+
+def new_incarnation() -> str:
+    """A fresh incarnation stamp: short (every grant holds one), random (two lives of a subject never share one)."""
+    return secrets.token_urlsafe(6)
 
 
 def credential_hash(credential: str) -> str:
@@ -66,6 +73,10 @@ class Subject:
     active: bool = True
     external_id: str | None = None
     scim: Mapping[str, Any] | None = None  # the SCIM User it was last written as, if it was (round-tripped as is)
+    # Which life of the subject this is: new when it is created, re-created after a removal, or reactivated; a
+    # grant is honoured only by the incarnation it was minted for. None for a subject stored before there were
+    # incarnations (and its grants). Last, so that its JSON ends with it (see the load script in the store).
+    incarnation: str | None = None
 
     def public(self) -> dict[str, Any]:
         """The subject's public attributes: never a credential, hash or anything named like one."""
@@ -271,7 +282,8 @@ def _parse_app(app: str, data: Any, base_dir: Path | None) -> AppDirectory:
 
 
 def parse_subject(raw: Any, key: str) -> Subject:
-    """One subject entry (a YAML list item, a JSON line, a SCIM user's fields) with the fields of DESIGN §5."""
+    """One subject entry (a YAML list item, a JSON line, a SCIM user's fields) with the fields of DESIGN §5; its id
+    as :func:`subject_id` takes it."""
     s = _mapping(raw, key, SUBJECT_FIELDS)
     attributes = s.get("attributes") or {}
     if not isinstance(attributes, dict):
@@ -280,7 +292,7 @@ def parse_subject(raw: Any, key: str) -> Subject:
     if not isinstance(active, bool):
         raise DirectoryError(f"{key}.active: expected true or false")
     return Subject(
-        id=_id(s.get("id"), f"{key}.id"),
+        id=subject_id(s.get("id"), f"{key}.id"),
         email=_opt_str(s.get("email"), f"{key}.email"),
         name=_opt_str(s.get("name"), f"{key}.name"),
         reseller=_opt_id(s.get("reseller"), f"{key}.reseller"),
@@ -350,6 +362,24 @@ def _id(value: Any, key: str) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
         raise DirectoryError(f"{key}: expected a string or number")
     return str(value)
+
+
+def subject_id(value: Any, key: str) -> str:
+    """A subject's id: a string or number that reads as it is: printable, no space at either end, no invisible
+    (format) character, digits only ASCII ones. So no two ids look alike (``505``, ``505 ``, Arabic-Indic or
+    full-width digits, ``505`` with a zero-width space); DirectoryError says why one is refused."""
+    text = _id(value, key)
+    if text != text.strip():
+        raise DirectoryError(f"{key}: must not begin or end with a space")
+    for char in text:
+        category = unicodedata.category(char)
+        if category == "Cf":
+            raise DirectoryError(f"{key}: must not hold an invisible character (U+{ord(char):04X})")
+        if not char.isprintable():
+            raise DirectoryError(f"{key}: must be printable (U+{ord(char):04X} is not)")
+        if category == "Nd" and not char.isascii():
+            raise DirectoryError(f"{key}: digits must be ASCII 0-9 (U+{ord(char):04X} is not)")
+    return text
 
 
 def _opt_id(value: Any, key: str) -> str | None:

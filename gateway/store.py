@@ -28,6 +28,7 @@ all of the new; the old generation is dropped a little later (processes follow `
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import secrets
 import time
@@ -46,7 +47,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
-from .directory import Actors, AppDirectory, DirectoryError, Subject
+from .directory import Actors, AppDirectory, DirectoryError, Subject, new_incarnation
 from .errors import StoreUnavailable
 
 AUDIT_MAXLEN = 100_000
@@ -96,7 +97,11 @@ _INDEX_SHA = hashlib.sha1(_INDEX.encode()).hexdigest()
 
 # Write a batch of subjects into a new generation and count, against the previous one, the added, changed and
 # kept. ARGV: the app's key tag, the new generation, the previous one ("" when none), the lease's milliseconds,
-# then per subject its id, JSON, and the number of its index entries followed by each entry's kind and value.
+# then per subject its id, JSON (without an incarnation), "1" if active ("" if not), a fresh incarnation, and the
+# number of its index entries followed by each entry's kind and value. A subject keeps the incarnation it had in
+# the previous generation unless it was absent there or comes back active from inactive (then the fresh one): a
+# reload does not end live grants, a removal or a deactivation does for good. The incarnation is appended as the
+# JSON's last key, where Subject.to_json puts it, so an unchanged subject's JSON is the same bytes.
 # The load must still hold the app's lease (``loading`` = its generation; renewed here): {-2} when it lost it,
 # {-1, id} for an id given twice. Every key is in the app's slot (KEYS[1]'s).
 _LOAD = """
@@ -108,14 +113,19 @@ if old ~= '' then old = tag .. old .. ':' end
 local added, changed, kept = 0, 0, 0
 local i = 5
 while i <= #ARGV do
-  local id, json, entries = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local id, json, active, incarnation, entries = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
   if redis.call('ZADD', new .. 'ids', 0, id) == 0 then return {-1, id} end
+  local before = old ~= '' and redis.call('GET', old .. 's:' .. id)
+  if before then
+    local was = cjson.decode(before)
+    if was.active ~= false or active == '' then incarnation = was.incarnation or '' end
+  end
+  if incarnation ~= '' then json = string.sub(json, 1, -2) .. ',"incarnation":"' .. incarnation .. '"}' end
   redis.call('SET', new .. 's:' .. id, json)
-  for j = i + 3, i + 1 + 2 * entries, 2 do
+  for j = i + 5, i + 3 + 2 * entries, 2 do
     redis.call('SADD', new .. 'x:' .. ARGV[j] .. ':' .. ARGV[j + 1], id)
   end
-  i = i + 3 + 2 * entries
-  local before = old ~= '' and redis.call('GET', old .. 's:' .. id)
+  i = i + 5 + 2 * entries
   if before then
     kept = kept + 1
     if before ~= json then changed = changed + 1 end
@@ -752,7 +762,8 @@ class Store:
             args: list[str | bytes] = [tag, generation, previous, str(LEASE_MS)]
             for subject in pending:
                 index = subject.index()
-                args += [subject.id, subject.to_json(), str(len(index))]
+                json = dataclasses.replace(subject, incarnation=None).to_json()
+                args += [subject.id, json, "1" if subject.active else "", new_incarnation(), str(len(index))]
                 for kind, value in index:
                     args += [kind, value]
             result = await self._script(_LOAD, self.current_key(app), *args)
