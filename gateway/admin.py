@@ -6,6 +6,9 @@ every credential): a missing or unknown token is 401, a token without the scope 
 - ``/scim/v2/{app}/...`` (scope ``scim``, :mod:`gateway.scim`), answering errors in SCIM's shape;
 - ``DELETE /v1/grants/{grant_id}`` and ``POST /v1/revocations`` (scope ``revoke``), answering errors as RFC 9457
   problem details: a revoked grant gets the ordinary refusal at redemption.
+
+Every answer, an error too, is in one of those two shapes, and every request gets one ``request`` log line. Bodies
+are read like the data path's (:mod:`gateway.body`): bounded in size and in time, decoded once, by the gateway.
 """
 
 from __future__ import annotations
@@ -36,11 +39,15 @@ def create_admin_app(config: Config, gateway: Gateway) -> web.Application:
 
     @web.middleware
     async def authorised(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-        response = await _authorised(request, handler)
-        log_request({"listener": "admin", "method": request.method, "path": request.path, "status": response.status,
-                     "duration_ms": round((time.perf_counter() - started) * 1000, 2)})  # fmt: skip
-        return response
+        started, status = time.perf_counter(), 500
+        try:
+            response = await _authorised(request, handler)
+            status = response.status
+            return response
+        finally:  # one line per request, whatever became of it
+            duration = round((time.perf_counter() - started) * 1000, 2)
+            log_request({"listener": "admin", "method": request.method, "path": request.path,
+                         "status": status, "duration_ms": duration})  # fmt: skip
 
     async def _authorised(request: web.Request, handler: Handler) -> web.StreamResponse:
         token = bearer(request.headers.get("Authorization"))
@@ -80,11 +87,14 @@ def create_admin_app(config: Config, gateway: Gateway) -> web.Application:
             return problem(
                 405, "method-not-allowed", "Method not allowed", "see Allow", Allow=",".join(exc.allowed_methods)
             )
+        except web.HTTPException as exc:
+            return problem(exc.status, "http-error", exc.reason, exc.reason)
         except Exception:
             log.exception("unhandled_error", listener="admin", method=request.method, path=request.path)
             return error_problem(GatewayError())
 
-    app = web.Application(middlewares=[authorised, errors], client_max_size=1_000_000)
+    # The server must not decode bodies (Content-Encoding) itself: gateway.body does, once, within its bounds.
+    app = web.Application(middlewares=[authorised, errors], handler_args={"auto_decompress": False})
     app.add_routes(Users(config, gateway).routes())
     app.add_routes(Revocations(config, gateway).routes())
     return app

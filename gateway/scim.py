@@ -8,20 +8,32 @@ redemption. The extension ``urn:impersonation-gateway:params:scim:schemas:extens
 filters, PATCH and the discovery documents come from scim2-models. A User written through SCIM is kept as
 written and given back as such; subjects loaded from a directory file are shown through the same mapping.
 
+A deactivated User stays deactivated until a write says ``active: true``: a PUT without ``active``, or a PATCH
+that removes it, leaves it as it was (a new User is active unless it says otherwise). Creating a User, and
+reactivating one, starts a new incarnation of its subject: grants minted before are never honoured.
+
 Writes go to the generation of the app's directory in use, one subject at a time, atomically with its index
 entries (:meth:`gateway.store.Store.put_subject`). A directory load replaces all subjects, including what SCIM
 wrote while it ran.
+
+Bounds, so that no request holds the gateway up: a body of at most :data:`MAX_BODY` bytes arriving within
+``server.body_timeout_seconds`` (408 after), at most :data:`MAX_ITEMS` entries in any list of it (a PATCH's
+operations, a User's e-mails: ``400 tooMany``), a filter of at most :data:`MAX_FILTER` characters
+(``400 invalidFilter``). The models' validation and PATCH are plain Python whose cost grows with the User, so
+they run in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import orjson
+import structlog
 from aiohttp import web
 from pydantic import ValidationError
 from scim2_models import (
@@ -42,15 +54,22 @@ from scim2_models import (
 from scim2_models import User as ScimUser
 from scim2_models.path.expressions import AttrPath, Comparison, LogicalExpr, LogicalOperator
 
+from . import body as bodies
 from .config import Config
 from .core import Gateway
-from .directory import DirectoryError, Subject, parse_subject
-from .errors import StoreUnavailable
+from .directory import DirectoryError, Subject, new_incarnation, parse_subject
+from .errors import GatewayError, PayloadTooLarge, RequestTimeout, StoreUnavailable, UnsupportedEncoding
+
+log = structlog.get_logger("gateway")
 
 MEDIA_TYPE = "application/scim+json"
 USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
 EXTENSION = "urn:impersonation-gateway:params:scim:schemas:extension:subject:2.0:User"
 MAX_RESULTS = 200
+MAX_BODY = 64 * 1024  # a User, a PatchOp or a SearchRequest: a few kB in practice
+MAX_ITEMS = 100  # entries of any list in a body (a PATCH's operations) or in a User (its e-mails)
+MAX_FILTER = 1024  # characters of a filter
+MAX_START = 2**53  # a startIndex past any directory's size (Redis takes 64-bit integers only)
 _DROPPED = ("id", "meta", "password")  # never kept: assigned, computed, or a secret the gateway has no use for
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -90,6 +109,9 @@ class User(ScimUser[SubjectFields]):
     """The subject's id: the account the gateway logs into. It can't change."""
 
 
+_PATCH = PatchOp[User]
+
+
 class ScimError(Exception):
     """An answer in SCIM's error shape: ``status``, an optional ``scimType`` and a ``detail``."""
 
@@ -105,6 +127,22 @@ class ScimError(Exception):
 def error_response(status: int, detail: str, scim_type: str | None = None) -> web.Response:
     body = Error(status=status, detail=detail, scim_type=scim_type).model_dump(mode="json", exclude_none=True)
     return web.Response(body=orjson.dumps(body), status=status, content_type=MEDIA_TYPE)
+
+
+def gateway_error_response(error: GatewayError) -> web.Response:
+    """A gateway error met on SCIM's paths (a body that is too big, too slow, undecodable; the store down)."""
+    match error:
+        case RequestTimeout():
+            response = error_response(408, "the request body did not arrive in time")
+            response.force_close()  # what is left of the body may still be on its way
+            return response
+        case PayloadTooLarge(limit=limit):
+            return error_response(413, f"the request body is over {limit} bytes")
+        case UnsupportedEncoding(encoding=encoding):
+            return error_response(415, f"a body with Content-Encoding {encoding} cannot be decoded")
+        case StoreUnavailable():
+            return error_response(503, "the store is unavailable")
+    return error_response(500, "an unexpected error; it is logged")
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -136,8 +174,11 @@ def user_of(subject: Subject) -> dict[str, Any]:
 
 
 def subject_of(user: User, was: Subject | None, now: str) -> Subject:
-    """The subject a (validated) User describes. Its own user token (BTC Direct), which SCIM does not carry, is
-    kept from what it was."""
+    """The subject a (validated) User describes, written over ``was`` (None: a new one). Its own user token
+    (BTC Direct), which SCIM does not carry, is kept from what it was; so is its activity when the User leaves
+    ``active`` out (a deactivated subject is reactivated only by ``active: true``). A new subject, or one
+    reactivated, gets a new incarnation; any other write keeps the one it had. 400 ``tooMany`` for a User
+    holding more than :data:`MAX_ITEMS` values of an attribute."""
     emails = user.emails or []
     primary = next((e for e in emails if e.primary), emails[0] if emails else None)
     fields = user[SubjectFields] or SubjectFields()
@@ -146,7 +187,7 @@ def subject_of(user: User, was: Subject | None, now: str) -> Subject:
         "email": str(primary.value) if primary is not None and primary.value else None,
         "name": user.display_name,
         "external_id": user.external_id,
-        "active": True if user.active is None else user.active,
+        "active": (was is None or was.active) if user.active is None else user.active,
         "reseller": fields.reseller,
         "domain": fields.domain,
         "uuid": fields.uuid,
@@ -160,11 +201,16 @@ def subject_of(user: User, was: Subject | None, now: str) -> Subject:
     except DirectoryError as exc:
         raise ScimError(400, str(exc), "invalidValue") from None
     doc = user.model_dump(mode="json", exclude_none=True, by_alias=True, scim_ctx=Context.RESOURCE_QUERY_RESPONSE)
+    _bounded(doc, "a user")
     for name in _DROPPED:
         doc.pop(name, None)
+    if user.active is None and not subject.active:
+        doc["active"] = False  # shown as it is: still deactivated
     created = ((was.scim or {}).get("meta") or {}).get("created") if was is not None else None
     doc["meta"] = {"created": created or now, "lastModified": now}
-    return dataclasses.replace(subject, scim=doc)
+    kept = was is not None and (was.active or not subject.active)
+    incarnation = was.incarnation if was is not None and kept else new_incarnation()
+    return dataclasses.replace(subject, scim=doc, incarnation=incarnation)
 
 
 class Users:
@@ -174,6 +220,7 @@ class Users:
         self.apps = {a.name for a in config.apps}
         self.gateway = gateway
         self.store = gateway.store
+        self.body_timeout = config.server.body_timeout_seconds
 
     def routes(self) -> list[web.RouteDef]:
         base = "/scim/v2/{app}"
@@ -199,7 +246,7 @@ class Users:
         return json_response({
             "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"],
             "documentationUri": "https://www.rfc-editor.org/rfc/rfc7644",
-            "patch": {"supported": True},
+            "patch": {"supported": True},  # at most MAX_ITEMS operations, in a body of at most MAX_BODY bytes
             "bulk": {"supported": False, "maxOperations": 0, "maxPayloadSize": 0},
             "filter": {"supported": True, "maxResults": MAX_RESULTS},
             "changePassword": {"supported": False},
@@ -253,7 +300,7 @@ class Users:
 
     async def search(self, request: web.Request) -> web.Response:
         """``POST /Users/.search``: the query of a list in a SearchRequest body (RFC 7644 §3.4.3)."""
-        body = await _json_in(request)
+        body = await self._json_in(request)
         if not isinstance(body, dict):
             raise ScimError(400, "the body is not a SearchRequest", "invalidSyntax")
         start = _positive(str(body.get("startIndex", 1)), "startIndex", minimum=1)
@@ -275,40 +322,53 @@ class Users:
         elif generation is None:
             total, page = 0, []
         else:
-            total, page = await self.store.subject_page(app, generation, start - 1, count)
-        users = [self._shown(request, s, chosen) for s in page]
+            total, page = await self.store.subject_page(app, generation, min(start, MAX_START) - 1, count)
+        base = self._base(request)
+        users = await asyncio.to_thread(lambda: [_shown(base, s, chosen) for s in page])
         return json_response(_list(users, total=total, start=start))
 
     async def read(self, request: web.Request) -> web.Response:
         app = self._app(request)
-        return json_response(self._shown(request, await self._existing(app, request)))
+        return json_response(await self._shown(request, await self._existing(app, request)))
 
     async def create(self, request: web.Request) -> web.Response:
         app = self._app(request)
-        user = await _user_in(request, Context.RESOURCE_CREATION_REQUEST)
+        data = await self._json_in(request)
         generation = await self._generation(app, create=True)
         assert generation is not None
-        subject = subject_of(user, None, _now())
+        subject = await asyncio.to_thread(
+            lambda: subject_of(_validated(data, Context.RESOURCE_CREATION_REQUEST), None, _now())
+        )
         if not await self.store.put_subject(app, generation, None, subject):
             raise ScimError(409, f"userName {subject.id!r} is taken", "uniqueness")
-        response = self._shown(request, subject)
+        response = await self._shown(request, subject)
         return json_response(response, 201, {"Location": response["meta"]["location"]})
 
     async def replace(self, request: web.Request) -> web.Response:
         app = self._app(request)
-        user = await _user_in(request, Context.RESOURCE_REPLACEMENT_REQUEST)
+        data = await self._json_in(request)
+        user = await asyncio.to_thread(_validated, data, Context.RESOURCE_REPLACEMENT_REQUEST)
         return await self._write(request, app, lambda was: user)
 
     async def patch(self, request: web.Request) -> web.Response:
+        """A PatchOp of at most :data:`MAX_ITEMS` operations, applied in a worker thread."""
         app = self._app(request)
+        data = await self._json_in(request)
         try:
-            operations = PatchOp[User].model_validate(await _json_in(request), scim_ctx=Context.RESOURCE_PATCH_REQUEST)
+            operations = await asyncio.to_thread(_PATCH.model_validate, data, scim_ctx=Context.RESOURCE_PATCH_REQUEST)
         except ValidationError as exc:
             raise ScimError(400, _first_error(exc), "invalidSyntax") from None
 
         def patched(was: Subject) -> User:
             user = _validated(user_of(was), Context.RESOURCE_REPLACEMENT_REQUEST)
-            operations.patch(user)
+            try:
+                operations.patch(user)
+            except SCIMException as exc:
+                raise ScimError.of(exc) from None
+            except ValidationError as exc:
+                raise ScimError(400, _first_error(exc), "invalidValue") from None
+            except (ValueError, TypeError, AttributeError) as exc:  # a value the attribute can't hold
+                raise ScimError(400, f"the operations can't apply: {exc}"[:300], "invalidValue") from None
             return user
 
         return await self._write(request, app, patched)
@@ -323,17 +383,22 @@ class Users:
         raise ScimError(409, "the user keeps changing: try again")
 
     async def _write(self, request: web.Request, app: str, make: Callable[[Subject], User]) -> web.Response:
-        """Read, change and write one subject; again if another writer came in between."""
-        for _ in range(5):
-            was = await self._existing(app, request)
+        """Read, change (in a worker thread: ``make`` may be slow) and write one subject; again if another writer
+        came in between."""
+
+        def changed(was: Subject) -> Subject:
             user = make(was)
             if user.user_name is not None and user.user_name != was.id:
                 raise ScimError(400, "userName names the subject and can't change", "mutability")
             user.user_name = was.id
-            subject = subject_of(user, was, _now())
+            return subject_of(user, was, _now())
+
+        for _ in range(5):
+            was = await self._existing(app, request)
+            subject = await asyncio.to_thread(changed, was)
             generation = await self._generation(app)
             if generation is not None and await self.store.put_subject(app, generation, was, subject):
-                return json_response(self._shown(request, subject))
+                return json_response(await self._shown(request, subject))
         raise ScimError(409, "the user keeps changing: try again")
 
     # -- helpers --------------------------------------------------------------------------------------
@@ -354,7 +419,7 @@ class Users:
         return generation
 
     async def _existing(self, app: str, request: web.Request) -> Subject:
-        subject_id = unquote(request.match_info["id"])
+        subject_id = request.match_info["id"]  # decoded once, by aiohttp: the Location quotes it once
         generation = await self._generation(app)
         subject = None if generation is None else await self.store.subject(app, generation, subject_id)
         if subject is None:
@@ -365,6 +430,8 @@ class Users:
         """The subjects a filter selects: candidates from the index (the filter must pin ``userName``,
         ``externalId`` or ``emails.value`` with ``eq``, alone, in ``or`` or in an ``and``), then checked against
         the whole filter."""
+        if len(text) > MAX_FILTER:
+            raise ScimError(400, f"a filter is at most {MAX_FILTER} characters", "invalidFilter")
         try:
             bound = ScimFilter[User](text)
         except SCIMException as exc:
@@ -376,32 +443,61 @@ class Users:
             raise ScimError(400, "filters select by userName, externalId or emails.value with eq "
                             "(alone, or joined by and/or)", "invalidFilter")  # fmt: skip
         candidates = await self.store.subjects_by(app, generation, lookups)
-        found = [s for s in candidates if (user := _as_model(user_of(s))) is not None and bound.match(user)]
-        return sorted(found, key=lambda s: s.id)
 
-    def _shown(
-        self, request: web.Request, subject: Subject, chosen: tuple[list[str], list[str]] | None = None
-    ) -> dict[str, Any]:
-        doc = user_of(subject)
-        meta = dict((subject.scim or {}).get("meta") or {})
-        location = f"{self._base(request)}/Users/{quote(subject.id, safe='')}"
-        user = {"id": subject.id, **doc, "meta": {"resourceType": "User", **meta, "location": location}}
-        if chosen is None:
-            chosen = (
-                _names(request.query.getall("attributes", [])),
-                _names(request.query.getall("excludedAttributes", [])),
-            )
-        attributes, excluded = chosen
-        model = _as_model(user) if attributes or excluded else None
-        if model is None:
-            return user
+        def matching() -> list[Subject]:
+            return [s for s in candidates if (user := _as_model(user_of(s))) is not None and bound.match(user)]
+
+        return sorted(await asyncio.to_thread(matching), key=lambda s: s.id)
+
+    async def _shown(self, request: web.Request, subject: Subject) -> dict[str, Any]:
+        """The subject as the request asks to see it (``attributes``, ``excludedAttributes``)."""
+        chosen = (
+            _names(request.query.getall("attributes", [])),
+            _names(request.query.getall("excludedAttributes", [])),
+        )
+        return await asyncio.to_thread(_shown, self._base(request), subject, chosen)
+
+    async def _json_in(self, request: web.Request) -> Any:
+        """The body as JSON: at most :data:`MAX_BODY` bytes (decoded), arriving within the body timeout, with at
+        most :data:`MAX_ITEMS` entries in any of its lists."""
+        _, data = await bodies.read(request, MAX_BODY, self.body_timeout)
         try:
-            parameters: ResponseParameters[User] = ResponseParameters[User].model_validate(
-                {"attributes": attributes or None, "excludedAttributes": excluded or None}
-            )
-        except (ValidationError, ValueError) as exc:
-            raise ScimError(400, f"attributes: {exc}", "invalidValue") from None
-        return model.model_dump(scim_ctx=Context.RESOURCE_QUERY_RESPONSE, response_parameters=parameters)
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise ScimError(400, "the body is not JSON", "invalidSyntax") from None
+        _bounded(value, "the body")
+        return value
+
+
+def _shown(base: str, subject: Subject, chosen: tuple[list[str], list[str]]) -> dict[str, Any]:
+    doc = user_of(subject)
+    meta = dict((subject.scim or {}).get("meta") or {})
+    location = f"{base}/Users/{quote(subject.id, safe='')}"
+    user = {"id": subject.id, **doc, "meta": {"resourceType": "User", **meta, "location": location}}
+    attributes, excluded = chosen
+    model = _as_model(user) if attributes or excluded else None
+    if model is None:
+        return user
+    try:
+        parameters: ResponseParameters[User] = ResponseParameters[User].model_validate(
+            {"attributes": attributes or None, "excludedAttributes": excluded or None}
+        )
+    except (ValidationError, ValueError) as exc:
+        raise ScimError(400, f"attributes: {exc}", "invalidValue") from None
+    return model.model_dump(scim_ctx=Context.RESOURCE_QUERY_RESPONSE, response_parameters=parameters)
+
+
+def _bounded(value: Any, what: str) -> None:
+    """400 ``tooMany`` when a list in ``value`` (JSON) has more than :data:`MAX_ITEMS` entries."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            if len(item) > MAX_ITEMS:
+                raise ScimError(400, f"{what} holds a list of more than {MAX_ITEMS} entries", "tooMany")
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
 
 
 def _list(resources: list[dict[str, Any]], *, total: int | None = None, start: int = 1) -> dict[str, Any]:
@@ -450,19 +546,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-async def _json_in(request: web.Request) -> Any:
-    if request.content_length is not None and request.content_length > 1_000_000:
-        raise ScimError(413, "the request body is over 1 MB")
-    try:
-        return orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise ScimError(400, "the body is not JSON", "invalidSyntax") from None
-
-
-async def _user_in(request: web.Request, context: Context) -> User:
-    return _validated(await _json_in(request), context)
-
-
 def _validated(data: Any, context: Context) -> User:
     if not isinstance(data, dict):
         raise ScimError(400, "the body is not a JSON object", "invalidSyntax")
@@ -491,14 +574,19 @@ def _first_error(exc: ValidationError) -> str:
 
 @web.middleware
 async def scim_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure in SCIM's error shape (RFC 7644 §3.12)."""
+    """Every failure in SCIM's error shape (RFC 7644 §3.12); an unexpected one is logged and a 500."""
     try:
         return await handler(request)
     except ScimError as exc:
         return error_response(exc.status, exc.detail, exc.scim_type)
-    except StoreUnavailable:
-        return error_response(503, "the store is unavailable")
+    except GatewayError as exc:
+        return gateway_error_response(exc)
     except web.HTTPNotFound:
         return error_response(404, "no such endpoint")
     except web.HTTPMethodNotAllowed:
         return error_response(405, "method not allowed")
+    except web.HTTPException as exc:
+        return error_response(exc.status, exc.reason)
+    except Exception:
+        log.exception("unhandled_error", listener="admin", method=request.method, path=request.path)
+        return error_response(500, "an unexpected error; it is logged")
