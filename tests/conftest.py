@@ -3,6 +3,7 @@ factory that builds a gateway test client on either store."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -56,6 +57,32 @@ APPS: dict[str, Any] = {
 }
 
 
+# The gateway's and the demo's default ports. The whole session holds each of them that is free, so a test that
+# needs one (a config without an explicit port, a hard-coded URL) fails on every run, not only on a machine where
+# something else happens to listen there.
+DEFAULT_PORTS = (8080, 8081, 9001)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_ports_held() -> Iterator[list[socket.socket]]:
+    """Listen on 127.0.0.1 at each of ``DEFAULT_PORTS`` that is free, for the whole session (a port something
+    else already holds stays held by it); yields the sockets this fixture opened."""
+    held = []
+    for port in DEFAULT_PORTS:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        except OSError:
+            sock.close()
+            continue
+        held.append(sock)
+    yield held
+    for sock in held:
+        sock.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,6 +103,19 @@ def wait_for_redis(port: int, proc: subprocess.Popen[bytes], timeout: float = 10
             time.sleep(0.02)
         finally:
             client.close()
+
+
+async def until(what: str, check: Callable[[], Awaitable[Any]], timeout: float = 15.0, every: float = 0.02) -> Any:
+    """Await ``check()`` until it returns something truthy, and return that; fail naming ``what`` once ``timeout``
+    seconds have passed without. The deadline is generous: it bounds a failure, never a passing run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(every)
 
 
 @dataclass

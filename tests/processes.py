@@ -18,6 +18,10 @@ import yaml
 
 from tests.conftest import DIRECTORY
 
+# For tests that race many presentations of one grant from one client: the losers' refusals are the point there,
+# and must not add up to the client's limit (which would answer 429 instead of 401).
+NO_REFUSAL_LIMIT = {"failures": 1_000_000, "window_seconds": 60}
+
 
 def write_config(tmp: Path, store_url: str, port: int, *, apps: dict[str, Any], directory: dict[str, Any] | None = None,
                  prefix: str | None = None, **extra: Any) -> Path:  # fmt: skip

@@ -159,7 +159,7 @@ async def test_two_gateways_on_a_cluster_redeem_each_grant_exactly_once(
     configs = [
         processes.write_config(tmp_path, cluster.url, port, apps=apps, prefix=store.prefix,
                                assertion={"private_key_file": str(key)},
-                               admin={"port": admin, "tokens": [revoker]})
+                               admin={"port": admin, "tokens": [revoker]}, rate_limit=processes.NO_REFUSAL_LIMIT)
         for port, admin in zip(ports, admin_ports, strict=True)
     ]  # fmt: skip
     procs = [processes.start(c) for c in configs]

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.assertion import generate_key_file
 from tests import processes
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer, free_port, until
 
 GRANTS = 10  # per dialect
 ATTEMPTS_PER_GRANT = 8  # split across both processes, fired together
@@ -24,14 +24,15 @@ SEED = "/api/v3/resellers/1/user_authentication/token?account_id=505"
 
 
 async def recording_upstream(
-    aiohttp_server: Callable[..., Awaitable[TestServer]], delay: float = 0
+    aiohttp_server: Callable[..., Awaitable[TestServer]], hold: asyncio.Event | None = None
 ) -> tuple[str, list[str]]:
+    """An upstream that records each request's assertion and answers ``ok`` (once ``hold`` is set, if given)."""
     seen: list[str] = []
 
     async def handler(request: web.Request) -> web.Response:
         seen.append(request.headers.get("X-Impersonation-Assertion", ""))
-        if delay:  # the request is now in flight through the gateway
-            await asyncio.sleep(delay)
+        if hold is not None:  # the request is now in flight through the gateway, until the test lets it go
+            await hold.wait()
         return web.Response(text="ok")
 
     app = web.Application()
@@ -82,7 +83,7 @@ async def test_exactly_once_across_two_processes_in_every_dialect(
     apps = {app: {"dialect": d, "upstream": upstream, "redeem_on_get": True} for app, d in DEMO_DIALECTS.items()}
     configs = [
         processes.write_config(tmp_path, redis_server.url, port, apps=apps, directory=DEMO_DIRECTORY, prefix="once:",
-                               assertion={"private_key_file": str(key)})
+                               assertion={"private_key_file": str(key)}, rate_limit=processes.NO_REFUSAL_LIMIT)
         for port in ports
     ]  # fmt: skip
     procs = [processes.start(c) for c in configs]
@@ -111,7 +112,8 @@ async def test_exactly_once_across_two_processes_in_every_dialect(
 async def test_sigterm_finishes_in_flight_requests(
     tmp_path: Path, redis_server: RedisServer, aiohttp_server: Callable[..., Awaitable[TestServer]]
 ) -> None:
-    upstream, seen = await recording_upstream(aiohttp_server, delay=1.0)
+    hold = asyncio.Event()
+    upstream, seen = await recording_upstream(aiohttp_server, hold)
     port = free_port()
     apps: dict[str, Any] = {"control-panel": {"dialect": "activeplatform", "upstream": upstream}}
     proc = processes.start(processes.write_config(tmp_path, redis_server.url, port, apps=apps))
@@ -120,10 +122,30 @@ async def test_sigterm_finishes_in_flight_requests(
         await processes.wait_ready(url, proc)
         async with aiohttp.ClientSession() as session:
             slow = asyncio.ensure_future(session.get(url + "/slow"))
-            while not seen:  # wait until the request is in flight upstream
+            try:
+
+                async def in_flight() -> bool:
+                    assert proc.poll() is None and not slow.done()
+                    return bool(seen)
+
+                await until("the request to be in flight upstream", in_flight)
+                proc.send_signal(signal.SIGTERM)
+                # Draining: the listener is closed, and the request still waits for its upstream.
+                await until("the gateway to stop listening", lambda: refused(port))
                 assert proc.poll() is None and not slow.done()
-                await asyncio.sleep(0.01)
-            proc.send_signal(signal.SIGTERM)
+            finally:
+                hold.set()
             response = await slow
             assert response.status == 200 and await response.text() == "ok"
         assert await asyncio.to_thread(proc.wait, 15) == 0
+
+
+async def refused(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` refuses a connection (nothing listens there any more)."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    await writer.wait_closed()
+    return False
