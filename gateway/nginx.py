@@ -7,11 +7,17 @@ gateway does, and sends to the gateway
 - each app's mint, info and body-carrier endpoints, ``/.well-known/jwks.json`` and ``/openapi.json``, and on
   the gateway's own host names the native API (``/v1/grants``);
 - any request holding a grant-shaped value in one of its route's carriers, spelled any way the gateway
-  would read it (names in any case or percent-encoded, ``&`` or ``;``, every cookie, quoted values);
+  would read it (:mod:`gateway.carriers`: names in any case or percent-encoded, ``user.token``, ``user token``,
+  ``token[]``, ``&``, ``;`` or ``#``, every cookie, quoted, padded or percent-encoded values, ``Bearer G``);
 
 and everything else straight to the app, with no limit of nginx's own the app would not have had. Misrouting
 can only ever cost a login: nginx removes ``X-Impersonation-Assertion`` on every path (and drops header names
-with underscores), so only the gateway's assertion ever reaches an app.
+with underscores), so only the gateway's assertion ever reaches an app. nginx 1.22 reads only the first line
+of a repeated header (``$http_x_auth_token``): a grant in a second line goes to the app; 1.23 joins them.
+
+The access log holds no query and no grant: it logs the path as the client sent it (``$request_uri`` up to
+its ``?``, still percent-encoded, where ``$uri`` would decode ``/x%3Ftoken=G`` into what looks like a query),
+and ``-`` instead when that path holds a run of 32 token characters, percent-encoded ones included.
 """
 
 from __future__ import annotations
@@ -31,9 +37,13 @@ from .proxy import ASSERTION_HEADER, FORWARDING
 GATEWAY = "igw_gateway"
 GRANT = "$igw_grant"  # 1 when a request holds a grant-shaped value in any carrier
 _TOKEN_LENGTH = (TOKEN_BYTES * 4 + 2) // 3  # base64url without padding
-_TOKEN_CHAR = "[A-Za-z0-9_-]"
-# A query value that decodes to a grant: each character as itself or percent-encoded.
-_QUERY_VALUE = f"(?:{_TOKEN_CHAR}|%[0-9A-Fa-f]{{2}}){{{_TOKEN_LENGTH}}}"
+# A run that decodes to a grant: each character as itself or percent-encoded.
+_GRANT_RUN = f"(?:[A-Za-z0-9_-]|%[0-9A-Fa-f]{{2}}){{{_TOKEN_LENGTH}}}"
+_SPACES = r"\s|\+|%20|%09"  # "+" too: the gateway decodes values as a form would
+_QUOTES = '"|%22'
+# Characters other than an ASCII capital that Python's str.lower() turns into an ASCII letter (the gateway
+# lower-cases decoded names that way): the Kelvin sign.
+LOWERED_TO = {"k": "\u212a"}
 _TLS = "        proxy_ssl_server_name on;\n        proxy_ssl_name {host};"
 _FOREVER = "24d"  # nginx's longest safe timer: "no timeout"
 # Client-sent headers nginx must not pass on; the gateway drops every X-Forwarded-* it does not set itself.
@@ -51,20 +61,37 @@ class _Group:
     apps: tuple[AppConfig, ...]
 
 
+def _spellings(char: str) -> str:
+    """Every way ``char`` of a carrier's field name may be written in a query for
+    :func:`gateway.carriers.field_name` to read it back (``~*`` takes care of ASCII case)."""
+    decoded = sorted({char, *LOWERED_TO.get(char, "")} | ({".", " ", "["} if char == "_" else set()))
+    raw = [re.escape(c) if c.isascii() else "".join(f"\\x{b:02x}" for b in c.encode()) for c in decoded]
+    encoded = ["".join(f"%{b:02x}" for b in c.encode()) for c in decoded]
+    return "(?:" + "|".join(raw + encoded + ([r"\+"] if " " in decoded else [])) + ")"
+
+
+def _value_regex(separators: str) -> str:
+    """A value holding a grant as :func:`gateway.carriers.grant_in` reads it, up to one of ``separators`` (or
+    the end): perhaps after a word and a space (``Bearer G``), perhaps quoted or padded, perhaps encoded."""
+    return (f"(?:[^{separators}]*(?:{_SPACES}))?(?:{_QUOTES})*{_GRANT_RUN}(?:=|%3d)*(?:{_SPACES}|{_QUOTES})*"
+            f"(?:[{separators}]|$)")  # fmt: skip
+
+
 def query_regex(name: str) -> str:
-    """A case-insensitive (``~*``) regex on ``$args``: ``name`` in any percent-encoding holding a grant."""
-    spelled = "".join(f"(?:{re.escape(c)}|%{ord(c):02x})" for c in name.lower())
-    return f"(?:^|[&;]){spelled}={_QUERY_VALUE}(?:[&;]|$)"
+    """A case-insensitive (``~*``) regex on ``$args``: ``name`` in any spelling (an array suffix ``[]`` or
+    ``[0]`` too) holding a grant."""
+    spelled = "".join(_spellings(c) for c in name.lower())
+    return f"(?:^|[&;#]){spelled}(?:(?:\\[|%5b)[^=&;#]*)?={_value_regex('&;#')}"
 
 
 def cookie_regex(name: str) -> str:
     """A case-insensitive regex on ``$http_cookie`` (every Cookie header): cookie ``name`` holding a grant."""
-    return rf'(?:^|[;,])\s*{re.escape(name.lower())}\s*=\s*"*\s*{_TOKEN_CHAR}{{{_TOKEN_LENGTH}}}\s*"*\s*(?:[;,]|$)'
+    return rf"(?:^|[;,])\s*{re.escape(name.lower())}\s*={_value_regex(';,')}"
 
 
 def header_regex() -> str:
-    """A regex on ``$http_<name>``: one of its comma-separated values is a grant."""
-    return rf"(?:^|,)\s*{_TOKEN_CHAR}{{{_TOKEN_LENGTH}}}\s*(?:,|$)"
+    """A regex on ``$http_<name>``: one of its comma-separated values holds a grant."""
+    return rf"(?:^|,){_value_regex(',')}"
 
 
 def carrier_variable(carrier: Carrier) -> str:
@@ -105,8 +132,11 @@ def render(
     out = [
         f"# Generated by `impersonation-gateway proxy-config nginx` from {source}: edit that file, not this one.\n"
         "# Include it in nginx's http {} context; the gateway must list nginx's address in server.trusted_proxies.\n",
-        "log_format igw_no_query '$remote_addr [$time_local] \"$request_method $uri $server_protocol\" $status '\n"
-        "                        '$body_bytes_sent $request_time \"$http_user_agent\"';  # links hold grants\n",
+        "log_format igw_no_query '$remote_addr [$time_local] \"$request_method $igw_log_path $server_protocol\" '\n"
+        "                        '$status $body_bytes_sent $request_time \"$http_user_agent\"';  # links hold grants\n",
+        # The path as sent, without its query; "-" when it holds what could be a grant (see the docstring).
+        f"map $request_uri $igw_log_path {{\n    '~*^[^?]*{_GRANT_RUN}' -;\n"
+        "    '~^(?<igw_raw_path>[^?]*)' $igw_raw_path;\n}\n",
         'map $http_upgrade $igw_connection {\n    default upgrade;\n    "" "";\n}\n',
         f"upstream {GATEWAY} {{\n    server {gateway};\n    keepalive 16;\n}}\n",
     ]

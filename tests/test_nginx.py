@@ -6,7 +6,8 @@
   take for a grant, nginx sends to the gateway (hypothesis, plus a table of spellings).
 - A real nginx (Debian's) in front of a real gateway process and an app: every dialect mints and redeems
   through nginx; ordinary requests, uploads and WebSockets reach the app without touching the gateway; a
-  forged assertion reaches the app on neither path; the access log holds no grant.
+  forged assertion reaches the app on neither path; a live grant spelt as frameworks read a carrier goes to
+  the gateway; the access log holds no grant, not even one in a path (``/x%3Ftoken=G``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from gateway.carriers import Carriers
 from gateway.cli import main as cli
 from gateway.config import config_from_dict
 from gateway.dialects import Where, all_dialects
-from gateway.nginx import carrier_map, render
+from gateway.nginx import LOWERED_TO, carrier_map, render
 from tests import processes
 from tests.conftest import free_port
 
@@ -125,9 +126,10 @@ class Maps:
 
     def routes(self, query: str, cookies: list[str], headers: dict[str, str]) -> bool:
         """Whether nginx sends the request to the gateway: ``$http_cookie`` joins every Cookie header with "; ",
-        ``$http_<name>`` is a header's first line."""
+        ``$http_<name>`` is a header's first line; nginx matches bytes (UTF-8 here), one character each."""
         values = {"$args": query, "$http_cookie": "; ".join(cookies)}
         values |= {"$http_" + k.lower().replace("-", "_"): v for k, v in headers.items()}
+        values = {k: v.encode().decode("latin-1") for k, v in values.items()}
         return any(p.search(values.get(source, "")) for source, p in self.patterns.values())
 
 
@@ -159,6 +161,27 @@ SPELLINGS = [
     ("", [f"a=1, PyramidAuth = {GRANT} ; b=2"], {}),
     ("", [], {"X-Auth-Token": GRANT}),
     ("", [], {"x-auth-token": f"admin-token, {GRANT}"}),
+    # as frameworks read a carrier (PHP, Rack, qs; URL parsers; schemes, quotes, padding, encoding)
+    (f"user.token={GRANT}", [], {}),
+    (f"user+token={GRANT}&user%2Eemail=x", [], {}),
+    (f"user%20token={GRANT}", [], {}),
+    (f"user[token={GRANT}", [], {}),
+    (f"user_token[]={GRANT}", [], {}),
+    (f"user_token%5B0%5D={GRANT}", [], {}),
+    (f"token[]={GRANT}", [], {}),
+    (f"token={GRANT}#f", [], {}),
+    (f"a=1#token={GRANT}", [], {}),
+    (f"token={GRANT}=", [], {}),
+    (f"token={GRANT}%3D%3D", [], {}),
+    (f"token=Bearer+{GRANT}", [], {}),
+    (f"to%E2%84%AAen={GRANT}", [], {}),
+    (f"to\u212aen={GRANT}", [], {}),
+    ("", ["PyramidAuth=" + "".join(f"%{ord(c):02X}" for c in GRANT)], {}),
+    ("", [f'PyramidAuth="{GRANT}=="'], {}),
+    ("", [f"PyramidAuth={GRANT}%3D"], {}),
+    ("", [], {"X-Auth-Token": f"Bearer {GRANT}"}),
+    ("", [], {"X-Auth-Token": f"{GRANT}=="}),
+    ("", [], {"X-Auth-Token": f'"{GRANT}"'}),
 ]
 
 
@@ -183,28 +206,53 @@ def test_ordinary_requests_go_straight_to_the_app(query: str, cookies: list[str]
     assert not MAPS.routes(query, cookies, headers)
 
 
+def test_nginx_knows_every_character_python_lower_cases_into_ascii() -> None:
+    """The gateway lower-cases decoded names with ``str.lower()``; nginx's maps spell out what that turns into an
+    ASCII letter besides the ASCII capitals."""
+    lowered = {c.lower(): c for c in map(chr, range(0x80, 0x110000)) if len(c.lower()) == 1 and c.lower().isascii()}
+    assert lowered == LOWERED_TO
+
+
 NAMES = sorted({c.name for c in ALL_CARRIERS} | {n for c in ALL_CARRIERS for _, n in c.bound} | {"x", "session"})
 _shape = st.text(alphabet="AbZz09_-", min_size=30, max_size=34)
 _values = _shape | st.just(GRANT) | st.text(max_size=8)
+# How an app may find a value: as is, after a scheme, quoted, padded, with spaces about it.
+_dressed = st.tuples(_values, st.sampled_from(["{}", "Bearer {}", '"{}"', "{}=", "{}==", " {} ", "\t{}"])).map(
+    lambda pair: pair[1].format(pair[0])
+)
 
 
 def _spell(name: str, how: int) -> str:
-    return [name, name.upper(), quote(name, safe=""), "".join(f"%{ord(c):02x}" for c in name)][how]
+    return [
+        name, name.upper(), quote(name, safe=""), "".join(f"%{ord(c):02x}" for c in name),
+        name.replace("_", "."), name.replace("_", "+"), name.replace("_", "%20"), name.replace("_", "["),
+        name + "[]", name + "%5B0%5D", name.replace("k", "%E2%84%AA"), name.replace("k", "\u212a"),
+    ][how]  # fmt: skip
 
 
-@settings(max_examples=300, deadline=None)
+def _cookie_value(value: str, encoded: bool) -> str:
+    return "".join(f"%{ord(c):02X}" for c in value) if encoded else value
+
+
+@settings(max_examples=500, deadline=None)
 @given(
-    pairs=st.lists(st.tuples(st.sampled_from(NAMES), st.integers(0, 3), _values, st.sampled_from("&;")), max_size=4),
+    pairs=st.lists(st.tuples(st.sampled_from(NAMES), st.integers(0, 11), _dressed, st.sampled_from("&;#")), max_size=4),
     cookies=st.lists(
-        st.lists(st.tuples(st.sampled_from(NAMES), _values, st.sampled_from(["; ", ";", ", "])), max_size=3), max_size=2
+        st.lists(
+            st.tuples(st.sampled_from(NAMES), _dressed, st.booleans(), st.sampled_from(["; ", ";", ", "])), max_size=3
+        ),
+        max_size=2,
     ),
-    header=st.none() | _values,
+    header=st.none() | _dressed,
 )
 def test_whatever_the_gateway_takes_for_a_grant_nginx_sends_to_it(
-    pairs: list[tuple[str, int, str, str]], cookies: list[list[tuple[str, str, str]]], header: str | None
+    pairs: list[tuple[str, int, str, str]], cookies: list[list[tuple[str, str, bool, str]]], header: str | None
 ) -> None:
     query = "".join(f"{sep if i else ''}{_spell(n, how)}={quote(v)}" for i, (n, how, v, sep) in enumerate(pairs))
-    cookie_headers = ["".join(f"{sep if i else ''}{n}={v}" for i, (n, v, sep) in enumerate(c)) for c in cookies]
+    cookie_headers = [
+        "".join(f"{sep if i else ''}{n}={_cookie_value(v, enc)}" for i, (n, v, enc, sep) in enumerate(c))
+        for c in cookies
+    ]
     headers = {} if header is None else {"X-Auth-Token": header}
     if gateway_finds(query, [c for c in cookie_headers if c], headers):
         assert MAPS.routes(query, [c for c in cookie_headers if c], headers), (query, cookie_headers, headers)
@@ -478,3 +526,85 @@ async def test_misspelt_carriers_still_reach_the_gateway(edge: Edge) -> None:
             assert r.status == 200
     (seen,) = edge.seen
     assert seen.raw_path == "/page" and edge.claims(seen, "control-panel")["sub"] == "505"
+
+
+async def raw_request(edge: Edge, target: str, headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """A GET written byte for byte to nginx (aiohttp's client would drop a fragment or re-encode the target); its
+    whole answer, once nginx closed the connection (after writing the access log line)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(edge.url.rsplit(":", 1)[1]))
+    lines = [f"GET {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *(f"{k}: {v}" for k, v in headers)]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+async def live_grants(edge: Edge) -> dict[str, str]:
+    """One live grant per carrier kind of the demo: an ActivePlatform link, a Pyramid cookie, a Denovolab header."""
+    async with aiohttp.ClientSession(edge.url) as http:
+        async with http.get("/api/v3/resellers/1/user_authentication/token?account_id=505",
+                            headers={"X-Api-Token": "vY5fwetestK3gJXZH5uHCw"}) as r:  # fmt: skip
+            link = (await r.json(content_type="application/vnd.api+json"))["owner_token"]
+        login = {"token": "pyramid-enterprise-admin-token", "userIdentity": "jdoe"}
+        async with http.post("/API3/authentication/authenticateUserByToken", json=login) as r:
+            cookie = await r.text()
+        async with http.post("/v1/auth/as_client", json={"client_id": 41},
+                             headers={"X-Auth-Token": "denovolab-demo-admin-token"}) as r:  # fmt: skip
+            header = (await r.json())["cdr_api_token"]
+    return {"link": link, "cookie": cookie, "header": header}
+
+
+EMAIL = "user_email=example%40activeplatform.com"
+EDGE_SPELLINGS = [
+    pytest.param("link", lambda g: (f"/p?{EMAIL}&user.token={g}", []), id="user.token"),
+    pytest.param("link", lambda g: (f"/p?{EMAIL}&user+token={g}", []), id="user+token"),
+    pytest.param("link", lambda g: (f"/p?{EMAIL}&user%20token={g}", []), id="user%20token"),
+    pytest.param("link", lambda g: (f"/p?{EMAIL}&user_token[]={g}", []), id="user_token[]"),
+    pytest.param("link", lambda g: (f"/p?{EMAIL}&user_token[0]={g}", []), id="user_token[0]"),
+    pytest.param("link", lambda g: (f"/p?{EMAIL}&user_token={g}==", []), id="padded"),
+    pytest.param("link", lambda g: (f"/p?{EMAIL}&user_token={g}#f", []), id="fragment"),
+    pytest.param("cookie", lambda g: (f"/p?token[]={g}", []), id="token[]"),
+    pytest.param("cookie", lambda g: (f"/p?to%E2%84%AAen={g}", []), id="kelvin"),
+    pytest.param("header", lambda g: ("/p", [("X-Auth-Token", f"Bearer {g}")]), id="bearer"),
+    pytest.param("header", lambda g: ("/p", [("X-Auth-Token", f"{g}=")]), id="padded-header"),
+    pytest.param(
+        "cookie",
+        lambda g: ("/p", [("Cookie", "PyramidAuth=" + "".join(f"%{ord(c):02X}" for c in g))]),
+        id="encoded-cookie",
+    ),
+    pytest.param("cookie", lambda g: ("/p", [("Cookie", f'PyramidAuth="{g}"')]), id="quoted-cookie"),
+]
+
+
+@pytest.mark.parametrize(("kind", "spell"), EDGE_SPELLINGS)
+async def test_a_live_grant_spelt_as_frameworks_read_it_goes_to_the_gateway(
+    edge: Edge, kind: str, spell: Callable[[str], tuple[str, list[tuple[str, str]]]]
+) -> None:
+    """nginx sends it to the gateway, which answers with a link's confirmation page or redeems it: the app never
+    receives the grant."""
+    grant = (await live_grants(edge))[kind]
+    target, headers = spell(grant)
+    before = edge.counts()
+    answer = await raw_request(edge, target, headers)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert edge.counts().get("redeem", 0) - before.get("redeem", 0) == 1
+    if "?" in target:  # a link: the gateway's page, whose POST would redeem it
+        assert b"Continue sign-in" in answer and edge.seen == []
+    else:  # redeemed: the app got the gateway's assertion instead
+        (seen,) = edge.seen
+        assert edge.claims(seen, "analytics" if kind == "cookie" else "switch")["sub"] in ("jdoe", "41")
+        assert grant not in repr(seen)
+
+
+async def test_a_grant_in_the_path_stays_out_of_the_access_log(edge: Edge) -> None:
+    """``$uri`` would decode ``/x%3Ftoken=G`` into the log; the raw path is logged, and "-" for one holding a
+    grant-shaped run."""
+    grant = (await live_grants(edge))["link"]
+    spelt = "".join(f"%{ord(c):02x}" for c in grant[:8]) + grant[8:]
+    for target in (f"/x%3Ftoken={grant}", f"/x%3Fuser_token%3D{spelt}", f"/x/{grant}", "/plain%3Fpage=2?q=secret"):
+        assert (await raw_request(edge, target)).startswith(b"HTTP/1.1 200")
+    log = edge.access_log.read_text()
+    assert grant not in log and grant[8:] not in log and "secret" not in log
+    paths = [re.search(r'"GET (\S+) HTTP/1.1" 200 ', line) for line in log.splitlines()[-4:]]
+    assert [m.group(1) if m else None for m in paths] == ["-", "-", "-", "/plain%3Fpage=2"], log
