@@ -2,27 +2,42 @@
 
 A :class:`Verifier` checks an assertion against the gateway's JWKS URL (keys cached; fetched again for a
 ``kid`` it does not know, at most once per ``refetch_seconds``, so forged ``kid`` values cannot make it hammer
-the gateway), the audience, the issuer when given, the expiry, and that its ``jti`` is seen once only (a small
-replay cache, bounded in size). It answers an :class:`Impersonation` or raises :class:`InvalidAssertion`.
+the gateway), the audience, the issuer when given, the expiry, and that its ``jti`` is seen once only. It
+answers an :class:`Impersonation` or raises :class:`InvalidAssertion`.
 
 Use it as a plain function (``verifier.verify(token)``, any framework, thread-safe) or, in aiohttp, as a
 middleware (:func:`middleware`) that puts the :class:`Impersonation` on the request. Only PyJWT (and
 ``cryptography``) and the standard library are needed for the function; aiohttp for the middleware.
+
+Replays. By default a Verifier remembers the ``jti`` of each assertion it accepted in its own memory
+(:class:`ReplayCache`), each until that assertion expires (``exp`` plus ``leeway``), whatever came after it.
+Memory stays bounded: at most ``size`` unexpired ids are held, and while that many are, a new assertion is
+refused (it fails closed rather than forget an id that could still be replayed). An app that runs more than
+one process or host needs one memory for all of them, or an assertion used on one is accepted on another:
+pass the app's Redis (a ``redis.asyncio`` client) as ``Verifier(..., replay=RedisReplayCache(redis))``. Each
+``jti`` is then stored with ``SET <prefix><jti> 1 NX PX <ms until exp plus leeway>``, so the first Verifier
+to see an assertion takes it and every other refuses it; keys expire on their own. Use it with
+:meth:`Verifier.verify_async` or the middleware (:meth:`Verifier.verify` refuses to, it would block). A
+Redis error refuses the assertion. The ``redis`` package is needed only by whoever builds the client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import math
 import threading
 import time
 import urllib.request
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from aiohttp import web
+
+if TYPE_CHECKING:  # only for the type: apps without Redis never import it
+    from redis.asyncio import Redis
 
 HEADER = "X-Impersonation-Assertion"
 REQUIRED = ["iss", "aud", "sub", "act", "iat", "exp", "jti"]
@@ -47,24 +62,47 @@ class Impersonation:
 
 
 class ReplayCache:
-    """The ``jti`` values seen, each until its assertion expires; at most ``size`` (the oldest go first)."""
+    """The ``jti`` values seen by this process, each until its assertion expires; at most ``size`` unexpired at
+    once. None is forgotten before it expires: when ``size`` are held, a new one is refused instead."""
 
     def __init__(self, size: int = 100_000) -> None:
         self.size = size
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._seen: dict[str, float] = {}
+        self._expiries: list[tuple[float, str]] = []  # a heap: the next to expire first
         self._lock = threading.Lock()
 
     def first_time(self, jti: str, expires_at: float, now: float) -> bool:
-        """Record ``jti``; False when it was already seen (and has not expired)."""
+        """Record ``jti`` until ``expires_at``; False when it was seen already (and has not expired). Raises
+        InvalidAssertion when ``size`` unexpired ids are held."""
         with self._lock:
-            while self._seen and next(iter(self._seen.values())) < now:
-                self._seen.popitem(last=False)  # expired: insertion order is close to expiry order
+            while self._expiries and self._expiries[0][0] < now:
+                del self._seen[heapq.heappop(self._expiries)[1]]
             if jti in self._seen:
                 return False
+            if len(self._seen) >= self.size:
+                raise InvalidAssertion(f"refused: {self.size} unexpired assertions are held for replay checks")
             self._seen[jti] = expires_at
-            while len(self._seen) > self.size:
-                self._seen.popitem(last=False)
+            heapq.heappush(self._expiries, (expires_at, jti))
             return True
+
+
+class RedisReplayCache:
+    """The ``jti`` values seen by every Verifier that shares ``redis`` (the app's ``redis.asyncio`` client), each
+    kept until its assertion expires: ``SET <prefix><jti> 1 NX PX <ms>``, one round trip per assertion."""
+
+    def __init__(self, redis: Redis, *, prefix: str = "impersonation:jti:") -> None:
+        self.redis = redis
+        self.prefix = prefix
+
+    async def first_time(self, jti: str, expires_at: float, now: float) -> bool:
+        """Record ``jti`` until ``expires_at``; False when some Verifier recorded it already. Raises
+        InvalidAssertion when Redis fails (the assertion cannot be known to be new)."""
+        milliseconds = max(1, math.ceil((expires_at - now) * 1000))
+        try:
+            stored = await self.redis.set(self.prefix + jti, b"1", nx=True, px=milliseconds)
+        except Exception as exc:  # whatever the client raises (connection, timeout, READONLY, ...): fail closed
+            raise InvalidAssertion(f"cannot check for a replay: Redis failed ({type(exc).__name__})") from None
+        return bool(stored)
 
 
 class Verifier:
@@ -83,7 +121,7 @@ class Verifier:
         leeway: float = 5.0,
         cache_seconds: float = 300.0,
         refetch_seconds: float = 10.0,
-        replay: ReplayCache | None = None,
+        replay: ReplayCache | RedisReplayCache | None = None,
         fetch: Callable[[str], bytes] | None = None,
         fetch_async: Callable[[str], Awaitable[bytes]] | None = None,
     ) -> None:
@@ -93,7 +131,7 @@ class Verifier:
         self.leeway = leeway
         self.cache_seconds = cache_seconds
         self.refetch_seconds = refetch_seconds
-        self.replay = replay if replay is not None else ReplayCache()
+        self.replay: ReplayCache | RedisReplayCache = replay if replay is not None else ReplayCache()
         self._fetch = fetch or _http_get
         self._fetch_async = fetch_async
         self._keys: dict[str, jwt.PyJWK] = {}
@@ -103,10 +141,15 @@ class Verifier:
     # -- the plain function ------------------------------------------------------------------------------
     def verify(self, token: str) -> Impersonation:
         """The impersonation an assertion states; InvalidAssertion when it is forged, expired, for another app,
-        or seen before. May fetch the JWKS (blocking)."""
+        or seen before. May fetch the JWKS (blocking). Not with a :class:`RedisReplayCache` (TypeError)."""
+        if isinstance(self.replay, RedisReplayCache):
+            raise TypeError("a Verifier with a RedisReplayCache verifies with verify_async (or the middleware)")
         kid = _kid(token)
         self._ensure_keys(kid)
-        return self._check(token, kid)
+        who, expires_at = self._check(token, kid)
+        if not self.replay.first_time(who.grant_id, expires_at, time.time()):
+            raise InvalidAssertion("replayed: this assertion was already used")
+        return who
 
     async def verify_async(self, token: str) -> Impersonation:
         """:meth:`verify` without blocking the event loop."""
@@ -116,7 +159,14 @@ class Verifier:
                 self._load(await self._get_async(self._fetch_async))
             else:
                 await asyncio.to_thread(self._ensure_keys, kid)
-        return self._check(token, kid)
+        who, expires_at = self._check(token, kid)
+        if isinstance(self.replay, RedisReplayCache):
+            first = await self.replay.first_time(who.grant_id, expires_at, time.time())
+        else:
+            first = self.replay.first_time(who.grant_id, expires_at, time.time())
+        if not first:
+            raise InvalidAssertion("replayed: this assertion was already used")
+        return who
 
     def _ensure_keys(self, kid: str) -> None:
         if self._needs_fetch(kid):
@@ -153,7 +203,8 @@ class Verifier:
         self._keys = {k.key_id: k for k in keys if k.key_id}
 
     # -- claims ------------------------------------------------------------------------------------------
-    def _check(self, token: str, kid: str) -> Impersonation:
+    def _check(self, token: str, kid: str) -> tuple[Impersonation, float]:
+        """The impersonation a genuine assertion states, and until when its ``jti`` must be remembered."""
         key = self._keys.get(kid)
         if key is None:
             raise InvalidAssertion("signed with a key the gateway does not publish")
@@ -168,12 +219,13 @@ class Verifier:
         if not isinstance(act, dict) or not isinstance(act.get("sub"), str):
             raise InvalidAssertion("not a valid assertion: no act.sub claim")
         jti = claims["jti"]
-        if not isinstance(jti, str) or not self.replay.first_time(jti, float(claims["exp"]) + self.leeway, time.time()):
-            raise InvalidAssertion("replayed: this assertion was already used")
-        return Impersonation(
+        if not isinstance(jti, str) or not jti:
+            raise InvalidAssertion("not a valid assertion: its jti is not a string")
+        who = Impersonation(
             subject=str(claims["sub"]), actor=act["sub"], role=act.get("role"), app=str(claims["aud"]), grant_id=jti,
             email=claims.get("email"), reason=claims.get("reason"), claims=claims,
         )  # fmt: skip
+        return who, float(claims["exp"]) + self.leeway
 
 
 def _kid(token: str) -> str:

@@ -1,12 +1,14 @@
 """``gateway.downstream``: what an app behind the gateway uses to verify its assertion — against the JWKS URL (keys
-cached, fetched again for an unknown ``kid`` at most once per interval), audience, expiry, one use per ``jti`` —
-as a plain function, an aiohttp middleware, in a WSGI app; and the demo app, which uses it."""
+cached, fetched again for an unknown ``kid`` at most once per interval), audience, expiry, one use per ``jti``
+(remembered until the assertion expires, in memory or in a Redis every process of the app shares) — as a plain
+function, an aiohttp middleware, in a WSGI app; and the demo app, which uses it."""
 
 from __future__ import annotations
 
 import importlib.util
 import io
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from wsgiref.util import setup_testing_defaults
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,7 +26,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gateway.app import create_app
 from gateway.assertion import Signer
 from gateway.directory import parse_directory
-from gateway.downstream import HEADER, InvalidAssertion, ReplayCache, Verifier, impersonation, middleware
+from gateway.downstream import (
+    HEADER,
+    InvalidAssertion,
+    RedisReplayCache,
+    ReplayCache,
+    Verifier,
+    impersonation,
+    middleware,
+)
 from gateway.store import Store
 from tests.conftest import DIRECTORY, KEY, PUBLIC_URL, free_port, make_config
 
@@ -144,15 +155,97 @@ def test_an_unreachable_jwks_is_an_invalid_assertion_not_a_crash() -> None:
         bad.verify(assertion(signer()))
 
 
-def test_the_replay_cache_is_bounded_and_forgets_expired_ids() -> None:
+def test_the_replay_cache_keeps_each_id_until_it_expires_and_refuses_new_ones_when_full() -> None:
     cache = ReplayCache(size=3)
     now = time.time()
-    assert all(cache.first_time(j, now + 30, now) for j in "abc")
-    assert not cache.first_time("a", now + 30, now)
-    assert cache.first_time("d", now + 30, now)  # the oldest, "a", goes
-    assert cache.first_time("a", now + 30, now)
-    assert cache.first_time("late", now + 100, now + 60)  # the others expired meanwhile
-    assert cache.first_time("b", now + 100, now + 60)
+    assert cache.first_time("a", now + 10, now) and cache.first_time("b", now + 30, now)
+    assert cache.first_time("c", now + 20, now)
+    assert not cache.first_time("a", now + 10, now)
+    with pytest.raises(InvalidAssertion, match="3 unexpired assertions are held"):
+        cache.first_time("d", now + 30, now)  # full: no unexpired id is forgotten to make room
+    assert not cache.first_time("a", now + 10, now + 10)  # still valid at its expiry
+    assert cache.first_time("d", now + 30, now + 11)  # "a" expired: room for one
+    with pytest.raises(InvalidAssertion, match="unexpired"):
+        cache.first_time("e", now + 40, now + 11)
+    assert cache.first_time("e", now + 40, now + 21)  # "c" expired too (the order of expiry, not of arrival)
+    assert not cache.first_time("b", now + 30, now + 21) and not cache.first_time("d", now + 30, now + 21)
+    assert cache.first_time("a", now + 40, now + 31)  # an expired id is forgotten
+
+
+def test_a_replay_is_refused_after_more_than_size_other_assertions() -> None:
+    """Security probe L7: ReplayCache(size=100) forgot an id after 100 others, and its replay was accepted."""
+    s = signer()
+    verifier = Verifier(JWKS_URL, "control-panel", fetch=Keys(s).fetch, replay=ReplayCache(size=100))
+    token = assertion(s, jti="first")
+    verifier.verify(token)
+    for n in range(99):
+        verifier.verify(assertion(s, jti=f"other-{n}"))
+    for n in range(50):  # full: refused rather than making room by forgetting one still valid
+        with pytest.raises(InvalidAssertion, match="100 unexpired assertions are held"):
+            verifier.verify(assertion(s, jti=f"more-{n}"))
+    with pytest.raises(InvalidAssertion, match="replayed"):
+        verifier.verify(token)
+
+
+async def test_verifiers_sharing_a_redis_refuse_a_replay(redis_client: Any, prefix: str) -> None:
+    """Security probe L7: a second Verifier (another process of the app) accepted an assertion the first had used."""
+    s = signer()
+    first, second = (
+        Verifier(JWKS_URL, "control-panel", fetch=Keys(s).fetch, replay=RedisReplayCache(redis_client, prefix=prefix))
+        for _ in range(2)
+    )
+    now = int(time.time())
+    token = assertion(s, jti="shared", now=now)  # exp = now + 30, leeway 5
+    assert (await first.verify_async(token)).grant_id == "shared"
+    with pytest.raises(InvalidAssertion, match="replayed"):
+        await second.verify_async(token)
+    with pytest.raises(InvalidAssertion, match="replayed"):
+        await first.verify_async(token)
+    ttl = await redis_client.pttl(f"{prefix}shared")
+    assert (now + 35 - time.time()) * 1000 - 1000 < ttl <= 35_000  # kept until exp plus leeway, not by count
+    await second.verify_async(assertion(s, jti="another"))
+
+
+async def test_the_middleware_of_two_app_processes_sharing_a_redis(
+    aiohttp_client: Any, redis_client: Any, prefix: str
+) -> None:
+    s = signer()
+
+    async def whoami(request: web.Request) -> web.Response:
+        who = impersonation(request)
+        return web.Response(text="anonymous" if who is None else who.subject)
+
+    clients = []
+    for _ in range(2):
+        replay = RedisReplayCache(redis_client, prefix=prefix)
+        app = web.Application(middlewares=[middleware(Verifier(JWKS_URL, "control-panel", fetch=Keys(s).fetch,
+                                                               replay=replay))])  # fmt: skip
+        app.router.add_get("/", whoami)
+        clients.append(await aiohttp_client(app))
+    token = assertion(s)
+    used = await clients[0].get("/", headers={HEADER: token})
+    assert (used.status, await used.text()) == (200, "505")
+    replayed = await clients[1].get("/", headers={HEADER: token})
+    assert replayed.status == 401 and "replayed" in await replayed.text()
+
+
+async def test_a_redis_that_fails_refuses_the_assertion() -> None:
+    s = signer()
+    down = aioredis.Redis(port=free_port(), socket_connect_timeout=1)
+    verifier = Verifier(JWKS_URL, "control-panel", fetch=Keys(s).fetch, replay=RedisReplayCache(down))
+    try:
+        with pytest.raises(InvalidAssertion, match=r"cannot check for a replay: Redis failed \(ConnectionError\)"):
+            await verifier.verify_async(assertion(s))
+        with pytest.raises(TypeError, match="verify_async"):
+            verifier.verify(assertion(s))  # a blocking call cannot wait for Redis
+    finally:
+        await down.aclose()
+
+
+def test_apps_import_it_without_the_gateway_or_redis() -> None:
+    code = "import sys, gateway.downstream; print(sorted(m for m in sys.modules if m.startswith(('gateway', 'redis'))))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == "['gateway', 'gateway.downstream']"
 
 
 async def test_the_aiohttp_middleware(aiohttp_client: Any) -> None:
