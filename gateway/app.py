@@ -32,7 +32,7 @@ from .config import Config
 from .core import REASON_HEADER, Gateway, parse_reason
 from .dialects import Dialect, HttpRequest, all_dialects
 from .errors import GatewayError, MethodNotAllowed, StoreUnavailable
-from .logging import FLUSH_SECONDS, REQUEST_ID, bind_request, flush_logs, log_request, unbind_request
+from .logging import FLUSH_SECONDS, REQUEST_ID, bind_request, flush_logs, log_request, unbind_request, unexpected
 from .metrics import Metrics
 from .proxy import STREAMING, Proxy
 from .redemption import KIND, Redeemer
@@ -220,9 +220,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if request.get(STREAMING):
             raise
         return web.Response(status=499)
-    except Exception:
+    except Exception as exc:
         bind_request(request)
-        log.exception("unhandled_error")
+        log.error("unhandled_error", **unexpected(exc))  # never its text: it may quote request or answer bytes
         if request.get(STREAMING):  # too late for a status: aiohttp drops the connection
             raise
         return web.Response(status=500, text="Internal Server Error\n")
@@ -327,8 +327,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             return dialect.render(result, app, config.public_url_of(app))
         except GatewayError as exc:
             return dialect.error_response(exc)
-        except Exception:
+        except Exception as exc:
             bind_request(request)
-            log.exception("unhandled_error", app=app.name, dialect=app.dialect)
+            log.error("unhandled_error", app=app.name, dialect=app.dialect, **unexpected(exc))
             return dialect.render_error(GatewayError())
     return await request.app[REDEEMER].handle(request, target, route, client)

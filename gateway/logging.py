@@ -11,8 +11,10 @@ from __future__ import annotations
 import atexit
 import io
 import logging
+import os
 import sys
 import time
+import traceback
 from typing import Any
 
 import orjson
@@ -34,6 +36,14 @@ def bind_request(request: web.Request) -> None:
     if not request.get(_BOUND):
         structlog.contextvars.bind_contextvars(request_id=request[REQUEST_ID])
         request[_BOUND] = True
+
+
+def unexpected(exc: BaseException) -> dict[str, str]:
+    """What to log of an unexpected exception: its class and where it was raised (file, line and function of the
+    innermost frames), never its message nor a traceback's text, which may quote request or answer bytes."""
+    frames = reversed(traceback.extract_tb(exc.__traceback__)[-6:])
+    where = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno}:{f.name}" for f in frames)
+    return {"error": type(exc).__name__, "at": where}
 
 
 def unbind_request(request: web.Request) -> None:
