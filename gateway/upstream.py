@@ -8,12 +8,16 @@ and llhttp response parser (``ResponseHandler``), and its ``StreamWriter`` for b
 - One :class:`Pool` of keep-alive connections per upstream address, at most ``limit`` open; a request that
   finds them all busy waits for one (within the connect timeout). An idle connection is looked at before it
   is reused: one the app closed meanwhile, or that holds bytes nobody asked for, is dropped and the request
-  takes another, so nothing of it was sent on a dead connection.
+  takes another, so nothing of it was sent on a dead connection. A connection may be taken before its request
+  is ready (:meth:`Client.hold`): a redemption spends its grant only once the app can be reached.
+- A reused connection that the app drops before any byte of the answer (it closed it just as it was reused:
+  the app never read the request) sends the request once more on a new connection, whatever its method, when
+  its body is still held (bytes, not a stream); browsers do the same.
 - The request goes out as given: the head in one write, a body of known size with it, a stream after it
   (chunked when its size is unknown, never more than a declared ``Content-Length``, with backpressure).
 - The answer is parsed by llhttp as aiohttp's client does; its body is a flow-controlled StreamReader, and
   ``read_timeout`` bounds every pause of the upstream's (sock_read). A connection goes back to the pool only
-  when its answer was read to the end and neither side asked to close it.
+  when its answer was read to the end, neither side asked to close it and the app has not closed it since.
 """
 
 from __future__ import annotations
@@ -34,11 +38,21 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 KEEPALIVE_SECONDS = 15.0  # an idle connection older than this is not reused (apps often close at 5-75 s)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # a request without a body still says Content-Length: 0
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 class UpstreamTimeout(TimeoutError):
     """No connection within the connect timeout."""
+
+
+class Connection(ResponseHandler):
+    """aiohttp's client protocol, noting whether any byte of the current answer came: a request that a reused
+    connection drops before that was never read by the app, and may go again."""
+
+    answered = False
+
+    def data_received(self, data: bytes) -> None:
+        self.answered = True
+        super().data_received(data)
 
 
 @dataclass
@@ -61,11 +75,11 @@ class Pool:
 
     def __init__(self, host: str, port: int, tls: ssl.SSLContext | None, limit: int) -> None:
         self.host, self.port, self.tls, self.limit = host, port, tls, limit
-        self._idle: deque[tuple[ResponseHandler, float]] = deque()
+        self._idle: deque[tuple[Connection, float]] = deque()
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    async def acquire(self, *, fresh: bool = False) -> ResponseHandler:
+    async def acquire(self, *, fresh: bool = False) -> Connection:
         """An idle connection (unless ``fresh``) or a new one; waits while ``limit`` are open and busy."""
         loop = asyncio.get_running_loop()
         while True:
@@ -88,7 +102,7 @@ class Pool:
         self._open += 1
         try:
             _, connection = await loop.create_connection(
-                lambda: ResponseHandler(loop), self.host, self.port, ssl=self.tls,
+                lambda: Connection(loop), self.host, self.port, ssl=self.tls,
                 server_hostname=self.host if self.tls else None,
             )  # fmt: skip
         except BaseException:
@@ -97,8 +111,10 @@ class Pool:
             raise
         return connection
 
-    def release(self, connection: ResponseHandler, reuse: bool) -> None:
-        if reuse and connection.is_connected() and not connection.should_close:
+    def release(self, connection: Connection, reuse: bool) -> None:
+        # An app may close a connection right after an answer that did not say so (aiohttp does after a body it
+        # could not decode): one already closing, or with bytes to read, is not given to another request.
+        if reuse and connection.is_connected() and not connection.should_close and not _readable(connection):
             self._idle.append((connection, asyncio.get_running_loop().time()))
         else:
             connection.close()
@@ -110,7 +126,7 @@ class Pool:
             self._idle.pop()[0].close()
             self._open -= 1
 
-    def take_idle(self, now: float) -> ResponseHandler | None:
+    def take_idle(self, now: float) -> Connection | None:
         """An idle connection still fit for use, if there is one."""
         while self._idle:
             connection, since = self._idle.pop()  # the most recently used first: the least likely closed
@@ -139,6 +155,19 @@ def _readable(connection: ResponseHandler) -> bool:
     return bool(poller.poll(0))
 
 
+@dataclass
+class Held:
+    """A connection taken for a request that is not ready yet; ``reused`` when it was an idle one."""
+
+    pool: Pool
+    connection: Connection
+    reused: bool
+
+    def release(self) -> None:
+        """Give it back unused."""
+        self.pool.release(self.connection, reuse=True)
+
+
 class Client:
     """One :class:`Pool` per upstream address."""
 
@@ -160,6 +189,18 @@ class Client:
         for pool in self._pools.values():
             pool.close()
 
+    async def hold(self, pool: Pool, connect_timeout: float) -> Held:
+        """An idle connection of ``pool`` or a new one, for a request to send later with :meth:`request`. Raises
+        UpstreamTimeout (none within ``connect_timeout``: all busy, or the app slow to accept), OSError (refused)."""
+        connection = pool.take_idle(asyncio.get_running_loop().time())
+        if connection is not None:
+            return Held(pool, connection, reused=True)
+        try:
+            async with asyncio.timeout(connect_timeout):
+                return Held(pool, await pool.acquire(), reused=False)
+        except TimeoutError:
+            raise UpstreamTimeout() from None
+
     async def request(
         self,
         pool: Pool,
@@ -171,17 +212,23 @@ class Client:
         *,
         connect_timeout: float,
         read_timeout: float | None,
+        held: Held | None = None,
     ) -> Exchange:
         """Send ``method target`` with ``headers`` (Host is ``authority``) and ``body`` and return the exchange once
         the answer's head has come; ``async with`` it gives the answer, whose body the caller reads, and then puts
         the connection back in the pool if that was all of it. A streamed body without a Content-Length goes
-        chunked. Raises UpstreamTimeout, TimeoutError (the upstream paused longer than ``read_timeout``), OSError
-        or aiohttp's ClientError (connection refused or reset, a garbled answer)."""
-        loop = asyncio.get_running_loop()
-        connection = pool.take_idle(loop.time())
-        # A connection the app closes just as we reuse it fails before any answer: an idempotent request with a
-        # body we still hold is sent once more, on a new connection (RFC 9110 §9.2.2); any other fails (502).
-        retry = connection is not None and method in _IDEMPOTENT and (body is None or isinstance(body, bytes))
+        chunked. ``held`` is the connection to use first (see :meth:`hold`). Raises UpstreamTimeout, TimeoutError
+        (the upstream paused longer than ``read_timeout``), OSError or aiohttp's ClientError (connection refused or
+        reset, a garbled answer) or HttpProcessingError (an answer llhttp refused)."""
+        connection: Connection | None
+        if held is not None:
+            connection, reused = held.connection, held.reused
+        else:
+            connection = pool.take_idle(asyncio.get_running_loop().time())
+            reused = connection is not None
+        # A connection the app closes just as we reuse it fails before any byte of the answer: the app never read
+        # the request, which goes once more on a new connection if we still hold its body; any other fails (502).
+        retry = reused and (body is None or isinstance(body, bytes))
         fresh = False
         while True:
             if connection is None:
@@ -193,14 +240,14 @@ class Client:
             try:
                 return await self._exchange(pool, connection, method, target, authority, headers, body, read_timeout)
             except (ServerDisconnectedError, ClientOSError, ConnectionResetError):
-                if not retry:
+                if not retry or connection.answered:
                     raise
             retry, fresh, connection = False, True, None
 
     async def _exchange(
         self,
         pool: Pool,
-        connection: ResponseHandler,
+        connection: Connection,
         method: str,
         target: str,
         authority: str,
@@ -210,6 +257,7 @@ class Client:
     ) -> Exchange:
         loop = asyncio.get_running_loop()
         sending: asyncio.Task[None] | None = None
+        connection.answered = False
         try:
             connection.set_response_params(
                 skip_payload=method == "HEAD", read_until_eof=True, auto_decompress=False, read_timeout=read_timeout
@@ -245,9 +293,7 @@ class Exchange:
 
     __slots__ = ("answer", "connection", "pool", "sending")
 
-    def __init__(
-        self, pool: Pool, connection: ResponseHandler, sending: asyncio.Task[None] | None, answer: Answer
-    ) -> None:
+    def __init__(self, pool: Pool, connection: Connection, sending: asyncio.Task[None] | None, answer: Answer) -> None:
         self.pool, self.connection, self.sending, self.answer = pool, connection, sending, answer
 
     async def __aenter__(self) -> Answer:
