@@ -4,6 +4,10 @@ The server never decodes a body itself (``auto_decompress`` is off), so a pass-t
 byte for byte. A body the gateway must read — a mint request, a carrier in a body, a confirmation — is read
 whole within ``server.body_timeout_seconds`` and decoded here, with the size limit applied to the decoded
 bytes: a gzip bomb is a 413 like any other oversize body, an unknown or corrupt encoding a 415.
+
+A body the gateway forwards is first read up to the body limit within the same time (:func:`buffer`), so a
+slow client holds no connection to the app; the rest of a larger one streams (:func:`stream`), bounded by its
+pauses and by a least average pace (MIN_RATE), so that a trickle cannot hold the app's connections either.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from aiohttp import StreamReader, web
 
 from .errors import PayloadTooLarge, RequestTimeout, UnsupportedEncoding
 
+MIN_RATE = 1024  # bytes a second: a streamed body's least average pace, after its first body_timeout seconds
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
@@ -100,17 +105,23 @@ async def buffer(reader: StreamReader, limit: int, timeout: float) -> tuple[byte
 
 
 async def stream(reader: StreamReader, idle: float, stalled: list[bool], prefix: bytes = b"") -> AsyncIterator[bytes]:
-    """``prefix``, then the rest of the body as it arrives; a pause longer than ``idle`` seconds ends it, after
-    setting ``stalled[0]`` so that the caller can tell a stalled client from a failing upstream."""
+    """``prefix``, then the rest of the body as it arrives; a pause longer than ``idle`` seconds ends it, and so
+    does a body slower than MIN_RATE on average once ``idle`` seconds have passed (it must be whole by ``idle``
+    seconds plus a second per MIN_RATE bytes), after setting ``stalled[0]`` so that the caller can tell a stalled
+    client from a failing upstream."""
     if prefix:
         yield prefix
+    loop = asyncio.get_running_loop()
+    # One byte a second never pauses for long, yet holds the app's connection for as long as the client likes.
+    deadline = loop.time() + idle
     while True:
         try:
-            async with asyncio.timeout(idle):
+            async with asyncio.timeout(min(idle, deadline - loop.time())):
                 chunk = await reader.readany()
         except TimeoutError:
             stalled[0] = True
             raise
         if not chunk:
             return
+        deadline += len(chunk) / MIN_RATE
         yield chunk

@@ -7,12 +7,18 @@
   gets 408.
 - Headers: hop-by-hop ones, ``Host``, ``Expect``, any name with an underscore (CGI-style apps read
   ``X_Foo`` as ``X-Foo``) and ``X-Impersonation-Assertion`` never pass. Forwarding headers
-  (``X-Forwarded-*``, ``Forwarded``, ``X-Real-IP``, ...) pass only from a trusted proxy, which gets the
-  peer appended to ``X-Forwarded-For``; anyone else's are replaced by the gateway's own.
+  (``X-Forwarded-*``, ``Forwarded``, ``X-Real-IP``, ``Via``, ...) and method overrides pass only from a
+  trusted proxy, which gets the peer appended to ``X-Forwarded-For``; anyone else's are dropped, and
+  ``X-Forwarded-For``/``-Proto``/``-Host`` replaced by the gateway's own.
 - Answers stream back as written (status, headers, body); upstream connections are pooled, bounded per
-  upstream, checked before reuse, and timed out per app.
-- WebSockets are bridged message by message: the app's handshake first, then its subprotocol mirrored,
-  every message type relayed both ways with the close code and reason, without a size cap.
+  upstream, checked before reuse, and timed out per app. An answer the upstream garbles (a HEAD answered
+  with a body, a bad status line) is a 502, logged by its error class only: its bytes may quote the request.
+- An answer to a redemption never gives the client the assertion back: a small answer that holds it is
+  replaced by a short text (same status), a streamed one is cut where it would appear.
+- WebSockets are bridged message by message: the app's handshake first (bounded in time, and a handshake
+  with a body is refused: the app would wait for it), then its subprotocol mirrored, every message type
+  relayed both ways with the close code and reason, without a size cap. WebSocket connections count against
+  ``server.upstream_connections`` per upstream address, apart from the HTTP ones.
 """
 
 from __future__ import annotations
@@ -25,21 +31,25 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 from aiohttp import StreamReader, WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import body as bodies
 from . import upstream as upstream_client
 from .config import AppConfig, ServerConfig
+from .errors import GatewayError, UpstreamUnavailable
 from .logging import bind_request
 from .routing import is_trusted
-from .upstream import Answer
+from .upstream import Answer, Held
 
 log = structlog.get_logger("gateway")
 
 STREAMING = web.RequestKey("streaming", bool)  # the relayed answer's status line is already sent
 BUFFER_LIMIT = 64 * 1024  # upstream answers up to this size (with a Content-Length) are relayed in one piece
 ASSERTION_HEADER = "X-Impersonation-Assertion"
+HANDSHAKE_SECONDS = 30.0  # the longest wait for an app's answer to a WebSocket handshake, whatever read_timeout
+WITHHELD = "The application's answer held the sign-in assertion; it is withheld.\n"
 
 # RFC 9110 §7.6.1: these describe one connection, not the message, and are never forwarded.
 HOP_BY_HOP = frozenset(
@@ -50,7 +60,10 @@ _NEVER = HOP_BY_HOP | {"host", "expect", ASSERTION_HEADER.lower()}
 # Who the client is and how it reached us: believed only from a trusted proxy (as is any X-Forwarded-*).
 FORWARDING = (
     "Forwarded", "X-Real-IP", "True-Client-IP", "X-Client-IP", "X-Cluster-Client-IP", "CF-Connecting-IP",
-    "Fastly-Client-IP", "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Original-Host",
+    "Fastly-Client-IP", "X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Original-Host", "X-Host",
+    "Client-IP", "X-ProxyUser-Ip", "X-Original-Forwarded-For", "Via",
+    # What method the app runs: a client that may not send a DELETE must not make a POST one.
+    "X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method",
 )  # fmt: skip
 _FORWARDING = frozenset(name.lower() for name in FORWARDING)
 _REFUSAL_DROPS = HOP_BY_HOP | {"content-length", "content-encoding"}  # the relayed refusal has no body
@@ -118,6 +131,10 @@ class Proxy:
     def __init__(self, server: ServerConfig) -> None:
         self.body_timeout = server.body_timeout_seconds
         self.trusted = server.trusted_proxies
+        # At most upstream_connections WebSockets per upstream address: a handshake waits for room, within the
+        # app's connect timeout (aiohttp's own limit would wait for its session's timeout instead).
+        self.ws_limit = server.upstream_connections
+        self._ws_slots: dict[tuple[str, int], asyncio.Semaphore] = {}
         self.http = upstream_client.Client(server.upstream_connections)
         # No redirects followed, no decompression, no cookie jar, no header the client did not send.
         self.ws = aiohttp.ClientSession(
@@ -135,6 +152,23 @@ class Proxy:
     def headers(self, request: web.Request) -> CIMultiDict[str]:
         return request_headers(request, self.trusted)
 
+    async def hold(self, request: web.Request, upstream: Upstream, *, websocket: bool = False) -> Held | None:
+        """A connection to ``upstream`` for a request to send once its grant is spent (None for a WebSocket,
+        whose client opens its own: a connection is opened and closed, to know the app can be reached).
+        Raises UpstreamUnavailable (``timeout`` when none came within the app's connect timeout)."""
+        try:
+            if not websocket:
+                pool = self.http.pool(upstream.host, upstream.port, upstream.scheme == "https")
+                return await self.http.hold(pool, upstream.connect_timeout)
+            async with asyncio.timeout(upstream.connect_timeout):
+                _, writer = await asyncio.open_connection(upstream.host, upstream.port)
+            writer.close()
+            return None
+        except (OSError, aiohttp.ClientError) as exc:  # TimeoutError is an OSError
+            bind_request(request)
+            log.warning("upstream_unreachable", upstream=upstream.authority, error=type(exc).__name__)
+            raise UpstreamUnavailable(timeout=isinstance(exc, TimeoutError)) from None
+
     async def forward(
         self,
         request: web.Request,
@@ -147,19 +181,21 @@ class Proxy:
         method: str | None = None,
         expire_cookies: Iterable[str] = (),
         prefix: bytes = b"",
+        held: Held | None = None,
     ) -> web.StreamResponse:
-        """Send the request to ``upstream`` and stream its answer back (502 unreachable, 504 too slow). A
-        StreamReader ``body`` streams after ``prefix``, the part of it already read."""
+        """Send the request to ``upstream`` (on ``held`` first, when given) and stream its answer back (502
+        unreachable or garbled, 504 too slow). A StreamReader ``body`` streams after ``prefix``, the part of it
+        already read. A request carrying the assertion never has it echoed back (see the module docstring)."""
         stalled = [False]
         data = bodies.stream(body, self.body_timeout, stalled, prefix) if isinstance(body, StreamReader) else body
         pool = self.http.pool(upstream.host, upstream.port, upstream.scheme == "https")
         try:
             async with await self.http.request(
                 pool, method or request.method, upstream.target(raw_path, query), upstream.authority, headers, data,
-                connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout,
+                connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout, held=held,
             ) as answer:  # fmt: skip
-                return await _relay(request, answer, expire_cookies)
-        except (aiohttp.ClientError, OSError, ValueError) as exc:  # TimeoutError is an OSError
+                return await _relay(request, answer, expire_cookies, headers.get(ASSERTION_HEADER))
+        except (aiohttp.ClientError, OSError, ValueError, HttpProcessingError) as exc:  # TimeoutError is an OSError
             if request.get(STREAMING):  # the answer has begun: all that is left is to cut the connection
                 raise
             if stalled[0]:
@@ -176,10 +212,27 @@ class Proxy:
         self, request: web.Request, upstream: Upstream, raw_path: str, query: str, headers: CIMultiDict[str]
     ) -> web.StreamResponse:
         """Bridge a WebSocket: the app's handshake first (its refusal is relayed as is), then every message."""
+        slots = self._ws_slots.setdefault((upstream.host, upstream.port), asyncio.Semaphore(self.ws_limit))
+        try:
+            async with asyncio.timeout(upstream.connect_timeout):
+                await slots.acquire()
+        except TimeoutError:
+            bind_request(request)
+            log.warning("upstream_unreachable", upstream=upstream.authority, error="UpstreamTimeout")
+            return _plain(504, "The upstream application did not accept the WebSocket.\n")
+        try:
+            return await self._bridge(request, upstream, raw_path, query, headers)
+        finally:
+            slots.release()
+
+    async def _bridge(
+        self, request: web.Request, upstream: Upstream, raw_path: str, query: str, headers: CIMultiDict[str]
+    ) -> web.StreamResponse:
         protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in v.split(",")]
         for name in _WS_HANDSHAKE:
             headers.popall(name, None)
-        limit = upstream.connect_timeout + upstream.read_timeout if upstream.read_timeout else None
+        # Bounded even with read_timeout 0 (none, for long polls): an app answers a handshake at once or not at all.
+        limit = upstream.connect_timeout + min(upstream.read_timeout or HANDSHAKE_SECONDS, HANDSHAKE_SECONDS)
         try:
             async with asyncio.timeout(limit):
                 app_ws = await self.ws.ws_connect(
@@ -217,7 +270,9 @@ class Proxy:
         return client_ws
 
 
-async def _relay(request: web.Request, answer: Answer, expire_cookies: Iterable[str]) -> web.StreamResponse:
+async def _relay(
+    request: web.Request, answer: Answer, expire_cookies: Iterable[str], assertion: str | None
+) -> web.StreamResponse:
     length = answer.content_length
     small = length is not None and length <= BUFFER_LIMIT and request.method != "HEAD"
     headers: CIMultiDict[str] = CIMultiDict()
@@ -225,20 +280,60 @@ async def _relay(request: web.Request, answer: Answer, expire_cookies: Iterable[
         lower = name.lower()
         if lower not in HOP_BY_HOP and not (small and lower == "content-length"):
             headers.add(name, value)
+    # The assertion's signature is what makes it a credential: an answer must not hand it to the client.
+    secret = assertion.rpartition(".")[2].encode() if assertion else None
     # A small answer of known length goes back in one write; anything else streams as it comes.
     if small:
+        body = await answer.body.read()
+        if secret is not None and _holds(body, secret, answer.headers):
+            _withheld(request, answer.status)
+            headers = CIMultiDict((n, v) for n, v in headers.items() if not n.lower().startswith(_ABOUT_BODY))
+            body = WITHHELD.encode()
+            headers["Content-Type"] = "text/plain; charset=utf-8"
         response = web.Response(status=answer.status, reason=answer.reason, headers=headers)
         _expire(response, expire_cookies)
-        response.body = await answer.body.read()
+        response.body = body
         return response
     streamed = web.StreamResponse(status=answer.status, reason=answer.reason, headers=headers)
     _expire(streamed, expire_cookies)
     await streamed.prepare(request)
     request[STREAMING] = True
-    async for chunk in answer.body.iter_any():
-        await streamed.write(chunk)
+    if secret is None:
+        async for chunk in answer.body.iter_any():
+            await streamed.write(chunk)
+    else:  # the last bytes of each chunk wait for the next: the signature may straddle two
+        keep, tail = len(secret) - 1, b""
+        async for chunk in answer.body.iter_any():
+            chunk = tail + chunk
+            if secret in chunk:
+                _withheld(request, answer.status)
+                raise ConnectionResetError("the answer held the assertion")  # the client's connection is cut
+            tail = chunk[-keep:]
+            await streamed.write(chunk[:-keep])
+        await streamed.write(tail)
     await streamed.write_eof()
     return streamed
+
+
+_ABOUT_BODY = ("content-", "etag", "digest", "last-modified")
+
+
+def _holds(body: bytes, secret: bytes, headers: CIMultiDictProxy[str]) -> bool:
+    """Whether ``body`` holds ``secret``, as sent or once decoded from its Content-Encoding (when it decodes)."""
+    if secret in body:
+        return True
+    encodings = headers.getall("Content-Encoding", [])
+    if not encodings:
+        return False
+    try:
+        return secret in bodies.decode(body, encodings, 16 * BUFFER_LIMIT)
+    except GatewayError:  # not one the gateway decodes, or too large: nor would a client see it plainly
+        return False
+
+
+def _withheld(request: web.Request, status: int) -> None:
+    bind_request(request)
+    log.warning("assertion_withheld", status=status)
 
 
 def _expire(response: web.StreamResponse, cookies: Iterable[str]) -> None:

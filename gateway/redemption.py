@@ -27,6 +27,7 @@ from dataclasses import replace
 import structlog
 from aiohttp import StreamReader, web
 from multidict import CIMultiDict
+from yarl import URL
 
 from . import body as bodies
 from .carriers import Carriers, Found, query_pairs, strip_body, strip_cookies, strip_headers, strip_query
@@ -34,9 +35,10 @@ from .config import AppConfig, Config
 from .core import Gateway
 from .dialects import Dialect, Where
 from .errors import GatewayError, GrantRefused, RequestTimeout
-from .logging import REQUEST_ID, bind_request
+from .logging import REQUEST_ID, bind_request, unexpected
 from .proxy import ASSERTION_HEADER, Proxy, Upstream
 from .routing import Route, Target
+from .upstream import Held
 
 log = structlog.get_logger("gateway")
 
@@ -95,6 +97,10 @@ class Redeemer:
         return found
 
     async def handle(self, request: web.Request, target: Target, route: Route, client: str) -> web.StreamResponse:
+        if _is_websocket(request) and request.body_exists:  # the app would wait for a body no handshake has
+            response = web.Response(status=400, text="Bad Request: a WebSocket handshake has no body.\n")
+            response.force_close()
+            return response
         carriers = self.carriers(route.apps)
         method, path = request.method, route.path(target)
         server = self.config.server
@@ -118,10 +124,11 @@ class Redeemer:
         scanner_safe = any(not self.config.app(f.offer.app).redeem_on_get for f in links)
         if links and method in ("GET", "HEAD") and (method == "HEAD" or scanner_safe) and not _is_websocket(request):
             return confirmation_page()
-        if method in _SAFE or (links and method not in ("GET", "POST")):
-            if links:  # a link is for following and confirming, nothing else
+        cross_site = links and method == "POST" and self._cross_site(request, first)
+        if method in _SAFE or (links and method not in ("GET", "POST")) or cross_site:
+            if links:  # a link is for following and confirming (on the gateway's own page), nothing else
                 try:
-                    self.gateway.refuse(first.name, "method", client, request_id)
+                    self.gateway.refuse(first.name, "cross_site" if cross_site else "method", client, request_id)
                 except GatewayError as exc:
                     return _refusal(request, dialect, exc, first)
             try:
@@ -138,32 +145,101 @@ class Redeemer:
             except GatewayError as exc:
                 return dialect.error_response(exc)
             confirm = any(name == CONFIRM_FIELD for name, _ in query_pairs(decoded.decode("latin-1")))
+        # The grant is spent only once its request can go: the body is in hand (up to the body limit) and a
+        # connection to the app is open (DESIGN §7); a slow body or an unreachable app leaves it usable.
+        body: bytes | StreamReader | None = raw_body
+        prefix = b""
+        if body is None and not confirm and request.body_exists:
+            read = await self._read_body(request)
+            if isinstance(read, web.Response):
+                return read
+            body, prefix = read
+        held: dict[Upstream, Held | None] = {}
+        try:
+            for upstream in dict.fromkeys(self.upstreams[f.offer.app] for f in found):
+                held[upstream] = await self.proxy.hold(request, upstream, websocket=_is_websocket(request))
+        except GatewayError as exc:
+            _release(held)
+            return dialect.error_response(exc)
+        try:
+            return await self._redeem(request, target, route, client, found, (body, prefix, decoded), confirm, held)
+        finally:
+            _release(held)
+
+    async def _redeem(
+        self,
+        request: web.Request,
+        target: Target,
+        route: Route,
+        client: str,
+        found: Sequence[Found],
+        payload: tuple[bytes | StreamReader | None, bytes, bytes | None],
+        confirm: bool,
+        held: dict[Upstream, Held | None],
+    ) -> web.StreamResponse:
+        """Spend the grant ``found`` offers and forward the request with its assertion, on the connection ``held``
+        for its app (taken out of ``held``; the caller releases the others). ``payload`` is the body to forward,
+        the part of it already read when it streams, and the body decoded when a carrier was looked for in it."""
+        body, prefix, decoded = payload
+        request_id = request[REQUEST_ID]
+        first = self.config.app(found[0].offer.app)
         try:
             redemption = await self.gateway.redeem([f.offer for f in found], client, request_id)
         except Exception as exc:
-            response = _refusal(request, dialect, exc, first)
+            response = _refusal(request, self.dialects[first.dialect], exc, first)
             for name in {f.carrier.name for f in found if f.carrier.where is Where.COOKIE}:
                 response.del_cookie(name, path="/")
             return response
         if redemption is None:  # passive carriers holding no grant: the app's own credentials
             request[KIND] = "pass"
-            return await self._forward(request, target, route, route.apps[0], raw_body, self.proxy.headers(request))
+            app = route.apps[0]
+            return await self._forward(request, target, route, app, body, self.proxy.headers(request), prefix=prefix,
+                                       held=held.pop(self.upstreams[app.name], None))  # fmt: skip
         tokens = {redemption.token}
         headers = self.proxy.headers(request)
         query = _strip(headers, target.query, found, tokens)
         headers[ASSERTION_HEADER] = redemption.assertion
         app = self.config.app(redemption.app)
+        connection = held.pop(self.upstreams[app.name], None)
         body_fields = {n for f in found if f.carrier.where is Where.BODY for n in f.carrier.fields}
         if confirm:  # the original GET of the link, not the confirming POST
             for name in ("Content-Type", "Content-Length", "Content-Encoding"):
                 headers.popall(name, None)
-            return await self._forward(request, target, route, app, None, headers, query=query, method="GET")
+            return await self._forward(request, target, route, app, None, headers, query=query, method="GET",
+                                       held=connection)  # fmt: skip
         if body_fields and decoded is not None:  # the body loses its carrier (and is sent decoded)
-            raw_body = strip_body(decoded, body_fields)
+            body = strip_body(decoded, body_fields)
             for name in ("Content-Length", "Content-Encoding"):
                 headers.popall(name, None)
         cookies = {f.carrier.name for f in found if f.carrier.where is Where.COOKIE and f.offer.token in tokens}
-        return await self._forward(request, target, route, app, raw_body, headers, query=query, expire=cookies)
+        return await self._forward(request, target, route, app, body, headers, query=query, expire=cookies,
+                                   prefix=prefix, held=connection)  # fmt: skip
+
+    def _cross_site(self, request: web.Request, app: AppConfig) -> bool:
+        """Whether a POST says it comes from another site: a login link posted by someone else's page would log
+        the browser in as the link's subject (login CSRF). The confirmation page's own POST is same-origin; its
+        no-referrer policy makes browsers send ``Origin: null``, so null is not taken for another site."""
+        if request.headers.get("Sec-Fetch-Site", "").strip().lower() in ("cross-site", "same-site"):
+            return True
+        origins = request.headers.getall("Origin", [])
+        if not origins:
+            return False
+        own = {f"{request.scheme}://{request.host}".lower(), _origin(self.config.public_url_of(app))}
+        return any(o.strip().lower() not in own and o.strip() != "null" for o in origins)
+
+    async def _read_body(self, request: web.Request) -> tuple[bytes | StreamReader, bytes] | web.Response:
+        """The request's body to forward: whole when it is within the body limit, else the StreamReader and the
+        part of it already read. Up to the limit is read before an upstream connection is taken: a slow client
+        holds none. A body that does not arrive in time is a 408."""
+        server = self.config.server
+        try:
+            prefix, complete = await bodies.buffer(request.content, server.body_limit_bytes,
+                                                   server.body_timeout_seconds)  # fmt: skip
+        except RequestTimeout:
+            response = web.Response(status=408, text="Request Timeout: the request body did not arrive.\n")
+            response.force_close()
+            return response
+        return (prefix, b"") if complete else (request.content, prefix)
 
     async def _forward(
         self,
@@ -171,37 +247,38 @@ class Redeemer:
         target: Target,
         route: Route,
         app: AppConfig,
-        raw_body: bytes | None,
+        body: bytes | StreamReader | None,
         headers: CIMultiDict[str],
         *,
         query: str | None = None,
         method: str | None = None,
         expire: Collection[str] = (),
+        prefix: bytes = b"",
+        held: Held | None = None,
     ) -> web.StreamResponse:
         upstream = self.upstreams[app.name]
         raw_path, query = route.raw_path(target), target.query if query is None else query
         if _is_websocket(request):
             return await self.proxy.bridge(request, upstream, raw_path, query, headers)
-        body: bytes | StreamReader | None = raw_body
-        prefix = b""
         if body is None and method is None and request.body_exists:
-            server = self.config.server
-            body = request.content
-            length = request.content_length
-            if length is None or length <= server.body_limit_bytes:
-                # Up to the body limit is read before an upstream connection is taken: a slow client holds none.
-                try:
-                    prefix, complete = await bodies.buffer(request.content, server.body_limit_bytes,
-                                                           server.body_timeout_seconds)  # fmt: skip
-                except RequestTimeout:
-                    response = web.Response(status=408, text="Request Timeout: the request body did not arrive.\n")
-                    response.force_close()
-                    return response
-                if complete:
-                    body, prefix = prefix, b""
-        return await self.proxy.forward(
-            request, upstream, raw_path, query, headers, body, method=method, expire_cookies=expire, prefix=prefix
-        )
+            read = await self._read_body(request)
+            if isinstance(read, web.Response):
+                return read
+            body, prefix = read
+        return await self.proxy.forward(request, upstream, raw_path, query, headers, body, method=method,
+                                        expire_cookies=expire, prefix=prefix, held=held)  # fmt: skip
+
+
+def _release(held: dict[Upstream, Held | None]) -> None:
+    for connection in held.values():
+        if connection is not None:
+            connection.release()
+    held.clear()
+
+
+def _origin(url: str) -> str:
+    parsed = URL(url)
+    return f"{parsed.scheme}://{parsed.raw_authority}".lower()
 
 
 _FORM = "application/x-www-form-urlencoded"
@@ -212,7 +289,7 @@ def _refusal(request: web.Request, dialect: Dialect, exc: Exception, app: AppCon
     is logged and answered as the dialect's 500."""
     if not isinstance(exc, GatewayError):
         bind_request(request)
-        log.exception("unhandled_error", app=app.name, dialect=app.dialect)
+        log.error("unhandled_error", app=app.name, dialect=app.dialect, **unexpected(exc))
         exc = GatewayError()
     if isinstance(exc, GrantRefused) and prefers_html(request.headers.get("Accept", "")):
         return refusal_page(exc.status)

@@ -22,6 +22,7 @@ from gateway.errors import (
     StoreUnavailable,
     Unauthenticated,
     UnsupportedEncoding,
+    UpstreamUnavailable,
 )
 
 ERRORS: list[GatewayError] = [
@@ -36,6 +37,7 @@ ERRORS: list[GatewayError] = [
     UnsupportedEncoding("br"),
     RateLimited(60),
     StoreUnavailable(),
+    UpstreamUnavailable(),
 ]
 
 
@@ -53,7 +55,10 @@ def test_every_error_has_its_own_answer_in_every_dialect(dialect: Dialect, error
     generic = dialect.render_error(GatewayError())
     response = dialect.render_error(error)
     assert generic.status == 500
-    assert response.status == 503 if isinstance(error, StoreUnavailable) else response.status < 500, response.body
+    if isinstance(error, StoreUnavailable | UpstreamUnavailable):
+        assert response.status == error.status and dialect.render_error(UpstreamUnavailable(timeout=True)).status == 504
+    else:
+        assert response.status < 500, response.body
     assert (response.status, response.body) != (generic.status, generic.body)
     if isinstance(error, RequestTimeout):
         assert response.status == 408 and not dialect.error_response(error).keep_alive
