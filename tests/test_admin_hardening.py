@@ -124,20 +124,28 @@ async def test_a_patch_at_the_limit_and_a_longest_filter_leave_the_loop_free(adm
             assert (await admin.client.get("/healthz")).status == 200
             stalls.append(time.perf_counter() - started)
 
+    # And what the probe sent (5,500 operations; a filter of thousands of terms), refused before any work.
+    flood = operations(*[{"op": "add", "path": "emails", "value": [{"value": f"u{i}@example.com"}]}
+                         for i in range(5500)])  # fmt: skip
+    terms = 'userName eq "505"' + ' and userName eq "505"' * 2500
+
     async def work() -> list[tuple[int, str, Any]]:
         try:
             return [
                 await admin.send("PATCH", admin.scim + "/Users/505", heavy),
                 await admin.send("POST", admin.scim + "/Users/.search", {"filter": longest}),
                 await admin.send("GET", admin.scim + "/Users?filter=" + quote(longest)),
+                await admin.send("PATCH", admin.scim + "/Users/505", flood),
+                await admin.send("POST", admin.scim + "/Users/.search", {"filter": terms}),
             ]
         finally:
             done.set()
 
     answers, _ = await asyncio.gather(work(), probe())
-    (status, _, patched), (found, _, page), (listed, _, same) = answers
+    (status, _, patched), (found, _, page), (listed, _, same), (flooded, _, _), (many, _, error) = answers
     assert (status, len(patched["emails"]), patched["displayName"]) == (200, MAX_ITEMS, "Five")
     assert (found, [u["id"] for u in page["Resources"]], listed, same["totalResults"]) == (200, ["505"], 200, 1)
+    assert (flooded, many, error.get("scimType")) == (413, 400, "invalidFilter"), error
     print(f"\nworst /healthz latency during the heaviest admin requests: {max(stalls) * 1000:.1f} ms "
           f"({len(stalls)} probes)")  # fmt: skip
     assert max(stalls) < 0.2
