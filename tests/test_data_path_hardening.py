@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import gzip
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from bench.nginx import main_conf, nginx_binary
 from gateway import proxy
 from tests import test_data_path_security as security
 from tests.conftest import free_port
@@ -381,29 +383,58 @@ def closing_app() -> Iterator[str]:
         proc.stdout.close()
 
 
-async def test_an_app_closing_after_a_bad_body_fails_no_other_request(gw: GatewayMaker, closing_app: str) -> None:
-    """400 POSTs, one in four with a body that says gzip and is not, ten at a time: all get the app's 200, none a
-    502 on a connection the app closed after an earlier answer."""
-    client = await gw(demo_apps(closing_app))
-    url = f"http://127.0.0.1:{port_of(client)}/submit"
+async def post_load(url: str) -> dict[int, int]:
+    """400 POSTs to ``url``, one in four with a body that says gzip and is not, ten at a time (each sending its next
+    as soon as one is answered): how many got each status."""
     statuses: list[int] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=10)) as session:
 
-        async def post(i: int) -> None:
-            if i % 4 == 0:  # says gzip, is not
-                data, headers = b"this is not gzip" * 4, {"Content-Encoding": "gzip"}
-            else:
-                data, headers = b"plain body %d" % i, {}
-            async with session.post(url, data=data, headers=headers) as response:
-                await response.read()
-                statuses.append(response.status)
-
-        async def worker(first: int) -> None:  # ten at a time: each sends its next as soon as one is answered
+        async def worker(first: int) -> None:
             for i in range(first, 400, 10):
-                await post(i)
+                if i % 4 == 0:
+                    data, headers = b"this is not gzip" * 4, {"Content-Encoding": "gzip"}
+                else:
+                    data, headers = b"plain body %d" % i, {}
+                async with session.post(url, data=data, headers=headers) as response:
+                    await response.read()
+                    statuses.append(response.status)
 
         await asyncio.gather(*(worker(n) for n in range(10)))
-    assert {s: statuses.count(s) for s in set(statuses)} == {200: 400}
+    return {s: statuses.count(s) for s in set(statuses)}
+
+
+async def test_an_app_closing_after_a_bad_body_fails_no_other_request(gw: GatewayMaker, closing_app: str) -> None:
+    """All 400 get the app's 200: none a 502 on a connection the app closed after an earlier answer."""
+    client = await gw(demo_apps(closing_app))
+    assert await post_load(f"http://127.0.0.1:{port_of(client)}/submit") == {200: 400}
+
+
+async def test_nginx_in_front_fails_no_request_either(tmp_path: Path, closing_app: str) -> None:
+    """The same load through the generated nginx configuration (ordinary requests go straight to the app)."""
+    gateway_port, nginx_port = free_port(), free_port()
+    config = write_config(tmp_path, "embedded", gateway_port, apps=demo_apps(closing_app), directory=DIRECTORY,
+                          server={"port": gateway_port, "public_url": f"http://127.0.0.1:{nginx_port}"})  # fmt: skip
+    include = tmp_path / "gateway.conf"
+    with include.open("w") as out:
+        command = [sys.executable, "-m", "gateway", "proxy-config", "nginx", "--config", str(config),
+                   "--listen", f"127.0.0.1:{nginx_port}", "--access-log", "off"]  # fmt: skip
+        subprocess.run(command, stdout=out, check=True)
+    nginx = subprocess.Popen([nginx_binary(), "-p", str(tmp_path), "-c", str(main_conf(tmp_path, include, 1))],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # until nginx listens
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", nginx_port)
+                writer.close()
+                break
+            except OSError:
+                assert nginx.poll() is None and time.monotonic() < deadline, "nginx did not start"
+                await asyncio.sleep(0.02)
+        assert await post_load(f"http://127.0.0.1:{nginx_port}/submit") == {200: 400}
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        nginx.wait(10)
 
 
 # == 5. No answer bytes in the logs ===============================================================================
