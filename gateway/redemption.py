@@ -124,7 +124,7 @@ class Redeemer:
         scanner_safe = any(not self.config.app(f.offer.app).redeem_on_get for f in links)
         if links and method in ("GET", "HEAD") and (method == "HEAD" or scanner_safe) and not _is_websocket(request):
             return confirmation_page()
-        cross_site = links and method == "POST" and self._cross_site(request, first)
+        cross_site = bool(links) and method == "POST" and self._cross_site(request, first)
         if method in _SAFE or (links and method not in ("GET", "POST")) or cross_site:
             if links:  # a link is for following and confirming (on the gateway's own page), nothing else
                 try:
@@ -156,12 +156,11 @@ class Redeemer:
             body, prefix = read
         held: dict[Upstream, Held | None] = {}
         try:
-            for upstream in dict.fromkeys(self.upstreams[f.offer.app] for f in found):
-                held[upstream] = await self.proxy.hold(request, upstream, websocket=_is_websocket(request))
-        except GatewayError as exc:
-            _release(held)
-            return dialect.error_response(exc)
-        try:
+            try:
+                for upstream in dict.fromkeys(self.upstreams[f.offer.app] for f in found):
+                    held[upstream] = await self.proxy.hold(request, upstream, websocket=_is_websocket(request))
+            except GatewayError as exc:
+                return dialect.error_response(exc)
             return await self._redeem(request, target, route, client, found, (body, prefix, decoded), confirm, held)
         finally:
             _release(held)
