@@ -159,8 +159,14 @@ class Redeemer:
             try:
                 for upstream in dict.fromkeys(self.upstreams[f.offer.app] for f in found):
                     held[upstream] = await self.proxy.hold(request, upstream, websocket=_is_websocket(request))
-            except GatewayError as exc:
-                return dialect.error_response(exc)
+            except GatewayError as unreachable:
+                # Only a live grant is kept for later: anything else is refused (or passed on) as with the app up.
+                try:
+                    live = await self.gateway.live(f.offer.token for f in found)
+                except Exception as exc:
+                    return _refusal(request, dialect, exc, first)
+                if live:
+                    return dialect.error_response(unreachable)
             return await self._redeem(request, target, route, client, found, (body, prefix, decoded), confirm, held)
         finally:
             _release(held)

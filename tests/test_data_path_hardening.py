@@ -153,6 +153,19 @@ async def test_an_unreachable_app_spends_no_grant(gw: GatewayMaker, app_port: Ap
     assert again.status == 401
 
 
+async def test_with_the_app_down_a_grant_that_is_not_live_is_refused_as_ever(gw: GatewayMaker, app_port: App) -> None:
+    """An unknown grant, or one already spent, gets the dialect's refusal (401), not the 502: nothing is kept."""
+    client = await gw(demo_apps(app_port.url, **{"control-panel": {"redeem_on_get": True}}))
+    port = port_of(client)
+    ap_error(await ask(port, message("GET", link("A" * 32))), 401, "unauthorized")
+    token = await mint_link(client)
+    await app_port.up()
+    assert (await ask(port, message("GET", link(token)))).status == 200
+    await app_port.down()
+    ap_error(await ask(port, message("GET", link(token))), 401, "unauthorized")
+    assert len(app_port.seen) == 1
+
+
 async def test_the_confirmation_post_spends_no_grant_while_the_app_is_down(gw: GatewayMaker, app_port: App) -> None:
     """redeem_on_get false: the page's POST gets ActivePlatform's 502 while the app is down; later the same POST
     redeems, and the app gets the GET of the link's path."""
