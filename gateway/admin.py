@@ -24,7 +24,7 @@ from .config import Config
 from .core import Gateway
 from .dialects import bearer
 from .errors import GatewayError
-from .logging import log_request
+from .logging import log_request, loggable_path, unexpected
 from .native import an_id, app_of, error_problem, only, problem, read_json
 from .scim import Handler, Users, error_response, scim_errors
 
@@ -46,7 +46,7 @@ def create_admin_app(config: Config, gateway: Gateway) -> web.Application:
             return response
         finally:  # one line per request, whatever became of it
             duration = round((time.perf_counter() - started) * 1000, 2)
-            log_request({"listener": "admin", "method": request.method, "path": request.path,
+            log_request({"listener": "admin", "method": request.method, "path": loggable_path(request.path),
                          "status": status, "duration_ms": duration})  # fmt: skip
 
     async def _authorised(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -66,7 +66,7 @@ def create_admin_app(config: Config, gateway: Gateway) -> web.Application:
             return response
         needed = next((scope for prefix, scope in SCOPES if request.path.startswith(prefix)), None)
         if needed is not None and needed not in entry.scopes:
-            log.info("admin_forbidden", token=entry.id, scope=needed, path=request.path)
+            log.info("admin_forbidden", token=entry.id, scope=needed, path=loggable_path(request.path))
             detail = f"the token {entry.id!r} lacks the {needed!r} scope"
             return problem(403, "forbidden", "Forbidden", detail) if native else error_response(403, detail)
         request[TOKEN] = entry.id
@@ -89,8 +89,9 @@ def create_admin_app(config: Config, gateway: Gateway) -> web.Application:
             )
         except web.HTTPException as exc:
             return problem(exc.status, "http-error", exc.reason, exc.reason)
-        except Exception:
-            log.exception("unhandled_error", listener="admin", method=request.method, path=request.path)
+        except Exception as exc:  # its class and place only: its text may quote the request's bytes
+            log.error("unhandled_error", listener="admin", method=request.method, path=loggable_path(request.path),
+                      **unexpected(exc))  # fmt: skip
             return error_problem(GatewayError())
 
     # The server must not decode bodies (Content-Encoding) itself: gateway.body does, once, within its bounds.

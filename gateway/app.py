@@ -32,7 +32,16 @@ from .config import Config
 from .core import REASON_HEADER, Gateway, parse_reason
 from .dialects import Dialect, HttpRequest, all_dialects
 from .errors import GatewayError, MethodNotAllowed, StoreUnavailable
-from .logging import FLUSH_SECONDS, REQUEST_ID, bind_request, flush_logs, log_request, unbind_request, unexpected
+from .logging import (
+    FLUSH_SECONDS,
+    REQUEST_ID,
+    bind_request,
+    flush_logs,
+    log_request,
+    loggable_path,
+    unbind_request,
+    unexpected,
+)
 from .metrics import Metrics
 from .proxy import STREAMING, Proxy
 from .redemption import KIND, Redeemer
@@ -230,8 +239,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         unbind_request(request)
         duration = time.perf_counter() - start
         request.app[METRICS].observe(request.get(KIND, "other"), duration)
-        log_request({"request_id": request_id, "method": request.method, "path": request.path, "status": status,
-                     "duration_ms": round(duration * 1000, 2)})  # fmt: skip
+        log_request({"request_id": request_id, "method": request.method, "path": loggable_path(request.path),
+                     "status": status, "duration_ms": round(duration * 1000, 2)})  # fmt: skip
 
 
 async def healthz(request: web.Request) -> web.Response:

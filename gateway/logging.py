@@ -142,6 +142,12 @@ def log_event(event: str, fields: dict[str, Any]) -> None:
     _log.info(event, **fields)
 
 
+def loggable_path(path: str) -> str:
+    """A request's (decoded) path as its log line shows it: never a query string, nor what follows a ``?`` that was
+    sent encoded (``/x%3Ftoken=...``): either may hold a grant."""
+    return path.partition("?")[0]
+
+
 def log_request(fields: dict[str, Any]) -> None:
     """The one ``request`` line of a request (see :func:`log_event`)."""
     log_event("request", fields)

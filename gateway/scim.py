@@ -59,6 +59,7 @@ from .config import Config
 from .core import Gateway
 from .directory import DirectoryError, Subject, new_incarnation, parse_subject
 from .errors import GatewayError, PayloadTooLarge, RequestTimeout, StoreUnavailable, UnsupportedEncoding
+from .logging import loggable_path, unexpected
 
 log = structlog.get_logger("gateway")
 
@@ -587,6 +588,7 @@ async def scim_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(405, "method not allowed")
     except web.HTTPException as exc:
         return error_response(exc.status, exc.reason)
-    except Exception:
-        log.exception("unhandled_error", listener="admin", method=request.method, path=request.path)
+    except Exception as exc:  # its class and place only: its text may quote the request's bytes
+        log.error("unhandled_error", listener="admin", method=request.method, path=loggable_path(request.path),
+                  **unexpected(exc))  # fmt: skip
         return error_response(500, "an unexpected error; it is logged")
