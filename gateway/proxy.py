@@ -152,22 +152,33 @@ class Proxy:
     def headers(self, request: web.Request) -> CIMultiDict[str]:
         return request_headers(request, self.trusted)
 
-    async def hold(self, request: web.Request, upstream: Upstream, *, websocket: bool = False) -> Held | None:
-        """A connection to ``upstream`` for a request to send once its grant is spent (None for a WebSocket,
-        whose client opens its own: a connection is opened and closed, to know the app can be reached).
-        Raises UpstreamUnavailable (``timeout`` when none came within the app's connect timeout)."""
+    async def hold(self, request: web.Request, upstream: Upstream, *, websocket: bool = False) -> Held | Slot:
+        """A connection to ``upstream`` for a request to send once its grant is spent; for a WebSocket, whose
+        client opens its own, room for one among the upstream's WebSockets, and a connection opened and closed
+        to know the app can be reached. Raises UpstreamUnavailable (``timeout`` when nothing came within the
+        app's connect timeout)."""
+        slot = None
         try:
             if not websocket:
                 pool = self.http.pool(upstream.host, upstream.port, upstream.scheme == "https")
                 return await self.http.hold(pool, upstream.connect_timeout)
             async with asyncio.timeout(upstream.connect_timeout):
+                slot = await self._slot(upstream)
                 _, writer = await asyncio.open_connection(upstream.host, upstream.port)
             writer.close()
-            return None
+            return slot
         except (OSError, aiohttp.ClientError) as exc:  # TimeoutError is an OSError
+            if slot is not None:
+                slot.release()
             bind_request(request)
             log.warning("upstream_unreachable", upstream=upstream.authority, error=type(exc).__name__)
             raise UpstreamUnavailable(timeout=isinstance(exc, TimeoutError)) from None
+
+    async def _slot(self, upstream: Upstream) -> Slot:
+        """Room for one more WebSocket to ``upstream``, waiting for it (the caller bounds the wait)."""
+        slots = self._ws_slots.setdefault((upstream.host, upstream.port), asyncio.Semaphore(self.ws_limit))
+        await slots.acquire()
+        return Slot(slots)
 
     async def forward(
         self,
@@ -209,21 +220,28 @@ class Proxy:
             return _plain(502, "Bad Gateway: the upstream application did not answer.\n")
 
     async def bridge(
-        self, request: web.Request, upstream: Upstream, raw_path: str, query: str, headers: CIMultiDict[str]
+        self,
+        request: web.Request,
+        upstream: Upstream,
+        raw_path: str,
+        query: str,
+        headers: CIMultiDict[str],
+        slot: Slot | None = None,
     ) -> web.StreamResponse:
-        """Bridge a WebSocket: the app's handshake first (its refusal is relayed as is), then every message."""
-        slots = self._ws_slots.setdefault((upstream.host, upstream.port), asyncio.Semaphore(self.ws_limit))
-        try:
-            async with asyncio.timeout(upstream.connect_timeout):
-                await slots.acquire()
-        except TimeoutError:
-            bind_request(request)
-            log.warning("upstream_unreachable", upstream=upstream.authority, error="UpstreamTimeout")
-            return _plain(504, "The upstream application did not accept the WebSocket.\n")
+        """Bridge a WebSocket (in ``slot``, when one was held for it): the app's handshake first (its refusal is
+        relayed as is), then every message."""
+        if slot is None:
+            try:
+                async with asyncio.timeout(upstream.connect_timeout):
+                    slot = await self._slot(upstream)
+            except TimeoutError:
+                bind_request(request)
+                log.warning("upstream_unreachable", upstream=upstream.authority, error="UpstreamTimeout")
+                return _plain(504, "The upstream application did not accept the WebSocket.\n")
         try:
             return await self._bridge(request, upstream, raw_path, query, headers)
         finally:
-            slots.release()
+            slot.release()
 
     async def _bridge(
         self, request: web.Request, upstream: Upstream, raw_path: str, query: str, headers: CIMultiDict[str]
@@ -268,6 +286,20 @@ class Proxy:
         request[STREAMING] = True
         await _bridge(client_ws, app_ws)
         return client_ws
+
+
+class Slot:
+    """Room for one WebSocket among its upstream's ``server.upstream_connections``."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots: asyncio.Semaphore | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
 
 
 async def _relay(

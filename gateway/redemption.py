@@ -36,7 +36,7 @@ from .core import Gateway
 from .dialects import Dialect, Where
 from .errors import GatewayError, GrantRefused, RequestTimeout
 from .logging import REQUEST_ID, bind_request, unexpected
-from .proxy import ASSERTION_HEADER, Proxy, Upstream
+from .proxy import ASSERTION_HEADER, Proxy, Slot, Upstream
 from .routing import Route, Target
 from .upstream import Held
 
@@ -154,7 +154,7 @@ class Redeemer:
             if isinstance(read, web.Response):
                 return read
             body, prefix = read
-        held: dict[Upstream, Held | None] = {}
+        held: dict[Upstream, Held | Slot] = {}
         try:
             try:
                 for upstream in dict.fromkeys(self.upstreams[f.offer.app] for f in found):
@@ -180,7 +180,7 @@ class Redeemer:
         found: Sequence[Found],
         payload: tuple[bytes | StreamReader | None, bytes, bytes | None],
         confirm: bool,
-        held: dict[Upstream, Held | None],
+        held: dict[Upstream, Held | Slot],
     ) -> web.StreamResponse:
         """Spend the grant ``found`` offers and forward the request with its assertion, on the connection ``held``
         for its app (taken out of ``held``; the caller releases the others). ``payload`` is the body to forward,
@@ -259,25 +259,26 @@ class Redeemer:
         method: str | None = None,
         expire: Collection[str] = (),
         prefix: bytes = b"",
-        held: Held | None = None,
+        held: Held | Slot | None = None,
     ) -> web.StreamResponse:
         upstream = self.upstreams[app.name]
         raw_path, query = route.raw_path(target), target.query if query is None else query
         if _is_websocket(request):
-            return await self.proxy.bridge(request, upstream, raw_path, query, headers)
+            slot = held if isinstance(held, Slot) else None
+            return await self.proxy.bridge(request, upstream, raw_path, query, headers, slot)
         if body is None and method is None and request.body_exists:
             read = await self._read_body(request)
             if isinstance(read, web.Response):
                 return read
             body, prefix = read
         return await self.proxy.forward(request, upstream, raw_path, query, headers, body, method=method,
-                                        expire_cookies=expire, prefix=prefix, held=held)  # fmt: skip
+                                        expire_cookies=expire, prefix=prefix,
+                                        held=held if isinstance(held, Held) else None)  # fmt: skip
 
 
-def _release(held: dict[Upstream, Held | None]) -> None:
+def _release(held: dict[Upstream, Held | Slot]) -> None:
     for connection in held.values():
-        if connection is not None:
-            connection.release()
+        connection.release()
     held.clear()
 
 

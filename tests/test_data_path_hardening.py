@@ -306,8 +306,8 @@ async def test_websocket_connections_are_bounded_per_upstream(gw: GatewayMaker, 
     app = App(app_port.port, socket)
     await app.up()
     try:
-        client = await gw(demo_apps(app.url, **{"control-panel": {"connect_timeout_seconds": 0.5}}),
-                          server={"upstream_connections": 2})  # fmt: skip
+        quick = {name: {"connect_timeout_seconds": 0.5} for name in ("control-panel", "switch")}
+        client = await gw(demo_apps(app.url, **quick), server={"upstream_connections": 2})
         url = f"http://127.0.0.1:{port_of(client)}/socket"
         async with aiohttp.ClientSession() as session:
             first, second = await session.ws_connect(url), await session.ws_connect(url)
@@ -318,12 +318,17 @@ async def test_websocket_connections_are_bounded_per_upstream(gw: GatewayMaker, 
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                 await session.ws_connect(url)
             assert refused.value.status == 504 and time.monotonic() - start < 3
+            portal, _ = await mint_denovolab(client)
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # a redemption waits as long, spends nothing
+                await session.ws_connect(url, headers={"X-Auth-Token": portal})
+            assert refused.value.status == 504
             assert len(app.seen) == 2
             await first.close()
-            third = await session.ws_connect(url)
+            third = await session.ws_connect(url, headers={"X-Auth-Token": portal})
             await third.send_str("again")
             assert await third.receive_str() == "again"
             await asyncio.gather(second.close(), third.close())
+            assert claims(security.Seen(0, "", "", list(app.seen[-1][2].items()), b""), "switch")["sub"] == "41"
     finally:
         await app.down()
 
