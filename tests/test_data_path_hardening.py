@@ -457,15 +457,13 @@ async def test_nginx_in_front_fails_no_request_either(tmp_path: Path, closing_ap
 
 # == 5. No answer bytes in the logs ===============================================================================
 async def _echoing_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """An app that answers HEAD with a body: the request's own head, credentials and all."""
+    """An app that answers every request, HEAD included, with a body: the request's own head, credentials and
+    all (twice, so that it reads as neither an answer nor a request)."""
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
-            method = head.split(b" ", 1)[0]
             body = head * 2
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            if method != b"HEAD":
-                pass
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
@@ -501,7 +499,7 @@ async def test_an_app_answering_head_with_a_body_puts_none_of_it_in_the_logs(tmp
     lines = [orjson.loads(line) for line in out_path.read_bytes().splitlines() if line.startswith(b"{")]
     unreachable = [line for line in lines if line["event"] == "upstream_unreachable"]
     assert len(unreachable) == 3
-    assert {line["error"] for line in unreachable} <= {"HttpProcessingError", "BadStatusLine", "ClientPayloadError"}
+    assert {line["error"] for line in unreachable} == {"HttpProcessingError"}
 
 
 # == 6. The assertion never comes back to the client ==============================================================
