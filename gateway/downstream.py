@@ -109,7 +109,8 @@ class Verifier:
     """Verifies the gateway's assertions for one app (``audience``: its name in the gateway's config, or several).
 
     ``fetch`` replaces the HTTP GET of the JWKS (it returns the document's bytes); ``verify_async`` uses
-    ``fetch_async`` when given, else runs ``fetch`` in a thread.
+    ``fetch_async`` when given, else runs ``fetch`` in a thread. ``clock`` (seconds, monotonic) times the key
+    cache's ``cache_seconds`` and ``refetch_seconds``.
     """
 
     def __init__(
@@ -124,6 +125,7 @@ class Verifier:
         replay: ReplayCache | RedisReplayCache | None = None,
         fetch: Callable[[str], bytes] | None = None,
         fetch_async: Callable[[str], Awaitable[bytes]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.jwks_url = jwks_url
         self.audience = [audience] if isinstance(audience, str) else list(audience)
@@ -134,6 +136,7 @@ class Verifier:
         self.replay: ReplayCache | RedisReplayCache = replay if replay is not None else ReplayCache()
         self._fetch = fetch or _http_get
         self._fetch_async = fetch_async
+        self._clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = float("-inf")
         self._lock = threading.Lock()
@@ -176,20 +179,20 @@ class Verifier:
 
     # -- keys --------------------------------------------------------------------------------------------
     def _needs_fetch(self, kid: str) -> bool:
-        age = time.monotonic() - self._fetched_at
+        age = self._clock() - self._fetched_at
         if age >= self.cache_seconds:
             return True
         return kid not in self._keys and age >= self.refetch_seconds
 
     def _get(self, fetch: Callable[[str], bytes]) -> bytes:
-        self._fetched_at = time.monotonic()  # a failure waits refetch_seconds too: a dead gateway is not hammered
+        self._fetched_at = self._clock()  # a failure waits refetch_seconds too: a dead gateway is not hammered
         try:
             return fetch(self.jwks_url)
         except Exception as exc:
             raise InvalidAssertion(f"cannot fetch the gateway's keys from {self.jwks_url}: {exc}") from None
 
     async def _get_async(self, fetch: Callable[[str], Awaitable[bytes]]) -> bytes:
-        self._fetched_at = time.monotonic()
+        self._fetched_at = self._clock()
         try:
             return await fetch(self.jwks_url)
         except Exception as exc:

@@ -146,9 +146,11 @@ async def test_a_patch_at_the_limit_and_a_longest_filter_leave_the_loop_free(adm
     assert (status, len(patched["emails"]), patched["displayName"]) == (200, MAX_ITEMS, "Five")
     assert (found, [u["id"] for u in page["Resources"]], listed, same["totalResults"]) == (200, ["505"], 200, 1)
     assert (flooded, many, error.get("scimType")) == (413, 400, "invalidFilter"), error
-    print(f"\nworst /healthz latency during the heaviest admin requests: {max(stalls) * 1000:.1f} ms "
-          f"({len(stalls)} probes)")  # fmt: skip
-    assert max(stalls) < 0.2
+    # Loose enough for a loaded machine; a request that held the loop stalled /healthz for 50 s and more.
+    worst = max(stalls)
+    assert worst < 2.0, (
+        f"/healthz waited {worst * 1000:.1f} ms during the heaviest admin requests ({len(stalls)} probes)"
+    )
 
 
 async def test_over_the_limits_is_a_scim_error(admin: Admin) -> None:
@@ -184,7 +186,7 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408(admin: Admin) -> Non
         head = f"PATCH /scim/v2/control-panel/Users/505 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n"
         writer.write(head.encode() + b'Content-Type: application/scim+json\r\nContent-Length: 100\r\n\r\n{"schemas"')
         await writer.drain()
-        async with asyncio.timeout(10 * BODY_TIMEOUT):  # the answer comes (the socket closes later: lingering)
+        async with asyncio.timeout(15):  # the answer comes (the socket closes later: lingering)
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(next(line for line in head.split(b"\r\n") if line.startswith(b"Content-Length:"))[15:])
             body = await reader.readexactly(length)

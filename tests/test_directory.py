@@ -18,7 +18,7 @@ import gateway.store
 from gateway.app import create_app
 from gateway.directory import AppDirectory, DirectoryError, Subject, parse_directory, parse_subject
 from gateway.store import LoadUnderWay, Store
-from tests.conftest import DIRECTORY, KEY, GatewayFactory, Upstream, make_config
+from tests.conftest import DIRECTORY, KEY, GatewayFactory, Upstream, make_config, until
 
 APP = "control-panel"
 SEED = "/api/v3/resellers/1/user_authentication/token?account_id={}"
@@ -109,10 +109,15 @@ async def test_a_killed_load_holds_its_app_until_its_lease_runs_out(
     """What a ``kill -9`` leaves: the lease, which expires; the next load then runs."""
     monkeypatch.setattr(gateway.store, "LEASE_MS", 300)
     store = Store(redis_client, prefix)
-    await redis_client.set(f"{prefix}{{dir:{APP}}}:loading", "deadbeefdeadbeef", px=300)
+    lease = f"{prefix}{{dir:{APP}}}:loading"
+    await redis_client.set(lease, "deadbeefdeadbeef", px=300)
     with pytest.raises(LoadUnderWay):
         await store.load_app(app_directory(numbered(1)))
-    await asyncio.sleep(0.4)
+
+    async def lease_gone() -> bool:
+        return not await redis_client.exists(lease)
+
+    await until("the dead load's lease to run out", lease_gone)
     assert (await store.load_app(app_directory(numbered(1)))).subjects == 1
 
 
@@ -198,10 +203,16 @@ async def test_a_deactivated_subject_is_refused_at_mint_and_its_live_grants_at_r
         {**s, "active": False} if s["id"] == "505" else s for s in subjects
     ]}}}  # fmt: skip
     await Store(redis_client, prefix).load_directory(parse_directory(off))
-    await asyncio.sleep(1.1)  # every process follows a load within directory.refresh_seconds (1 s)
-    refused = await client.get(SEED.format(505), headers=MANAGER)
     unknown = await client.get(SEED.format(404404), headers=MANAGER)
-    assert (refused.status, await refused.read()) == (unknown.status, await unknown.read())
+    assert unknown.status != 200
+    answer = (unknown.status, await unknown.read())
+
+    async def refused_as_unknown() -> bool:
+        refused = await client.get(SEED.format(505), headers=MANAGER)
+        return (refused.status, await refused.read()) == answer
+
+    # every process follows a load within directory.refresh_seconds (1 s)
+    await until("a mint for the deactivated subject to get the unknown subject's answer", refused_as_unknown)
     redeemed = await client.get(f"/?user_email={body['owner_email']}&user_token={body['owner_token']}")
     assert redeemed.status == 401
 

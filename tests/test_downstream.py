@@ -57,6 +57,16 @@ class Keys:
         return json.dumps({"keys": keys}).encode()
 
 
+class Clock:
+    """A monotonic clock for a Verifier's key cache that moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def signer(key: Ed25519PrivateKey | None = None, ttl: int = 30) -> Signer:
     return Signer(key or Ed25519PrivateKey.generate(), PUBLIC_URL, ttl)
 
@@ -118,12 +128,16 @@ def test_a_forged_key_with_the_gateways_kid_is_refused() -> None:
 
 def test_an_unknown_kid_fetches_again_but_not_more_than_once_per_interval() -> None:
     old, new = signer(), signer()
-    keys = Keys(old)
-    verifier = Verifier(JWKS_URL, "control-panel", fetch=keys.fetch, refetch_seconds=0.2)
+    keys, clock = Keys(old), Clock()
+    verifier = Verifier(JWKS_URL, "control-panel", fetch=keys.fetch, refetch_seconds=10, clock=clock)
     verifier.verify(assertion(old, jti="a"))
     keys.signers.append(new)  # the gateway rotated: the new key is published
-    time.sleep(0.25)
-    verifier.verify(assertion(new, jti="b"))  # unknown kid: fetched again
+    clock.now += 9
+    with pytest.raises(InvalidAssertion, match="does not publish"):
+        verifier.verify(assertion(new, jti="b"))  # unknown kid, but fetched less than an interval ago
+    assert keys.fetches == 1
+    clock.now += 1
+    verifier.verify(assertion(new, jti="b"))  # unknown kid, an interval later: fetched again
     assert keys.fetches == 2
     for n in range(5):  # forged kids cannot make it fetch on every request
         with pytest.raises(InvalidAssertion, match="does not publish"):
@@ -131,15 +145,23 @@ def test_an_unknown_kid_fetches_again_but_not_more_than_once_per_interval() -> N
     assert keys.fetches == 2
     verifier.verify(assertion(old, jti="c"))  # both keys known
     assert keys.fetches == 2
+    clock.now += 10
+    for n in range(5):  # an interval later: one fetch for all of them
+        with pytest.raises(InvalidAssertion, match="does not publish"):
+            verifier.verify(assertion(signer(), jti=f"g{n}"))
+    assert keys.fetches == 3
 
 
 def test_the_keys_are_fetched_again_when_the_cache_is_old() -> None:
     s = signer()
-    keys = Keys(s)
-    verifier = Verifier(JWKS_URL, "control-panel", fetch=keys.fetch, cache_seconds=0.1)
+    keys, clock = Keys(s), Clock()
+    verifier = Verifier(JWKS_URL, "control-panel", fetch=keys.fetch, cache_seconds=60, clock=clock)
     verifier.verify(assertion(s, jti="a"))
-    time.sleep(0.15)
+    clock.now += 59
     verifier.verify(assertion(s, jti="b"))
+    assert keys.fetches == 1
+    clock.now += 1
+    verifier.verify(assertion(s, jti="c"))
     assert keys.fetches == 2
 
 

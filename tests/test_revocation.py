@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ from structlog.testing import capture_logs
 from gateway.app import create_app
 from gateway.directory import parse_directory
 from gateway.store import Store
-from tests.conftest import KEY, Upstream, free_port, make_config
+from tests.conftest import KEY, Upstream, free_port, make_config, until
 from tests.test_openapi import DEMO_APPS
 from tests.test_openapi import DIRECTORY as DEMO_DIRECTORY
 
@@ -155,14 +154,18 @@ async def test_an_apps_revocation_reaches_thousands_of_grants(gw: Gateway) -> No
 async def test_expired_ids_leave_the_index_within_a_refresh(start: Start, upstream: Upstream) -> None:
     gateway = await start(grant_ttl_seconds=1)
     store = Store(gateway.redis, gateway.prefix)
-    await gateway.mint()
-    await gateway.mint()
-    await asyncio.sleep(1.1)
+    grants = [store.grant_key((await gateway.mint())["grant_id"]) for _ in range(2)]
+
+    async def expired() -> bool:
+        return not await gateway.redis.exists(*grants)
+
+    async def trimmed() -> bool:
+        return not await gateway.redis.zcard(store.live_key("control-panel"))
+
+    await until("the grants to expire", expired)
     assert await gateway.revoke(app="control-panel") == 0  # expired: nothing live to revoke
-    deadline = time.monotonic() + 3  # each process trims the indexes once per directory.refresh_seconds (1 s)
-    while await gateway.redis.zcard(store.live_key("control-panel")):
-        assert time.monotonic() < deadline, "expired ids stayed in the live index"
-        await asyncio.sleep(0.1)
+    # each process trims the indexes once per directory.refresh_seconds (1 s)
+    await until("the expired ids to leave the live index", trimmed)
 
 
 @pytest.mark.parametrize(
