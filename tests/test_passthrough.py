@@ -38,7 +38,7 @@ from multidict import CIMultiDict
 
 from gateway.assertion import generate_key_file, load_key
 from tests import processes
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer, free_port, until
 
 ADMIN_TOKEN = "passthrough-admin-token"
 DIRECTORY: dict[str, Any] = {
@@ -186,14 +186,16 @@ def _parse(raw: bytes) -> tuple[str, CIMultiDict[str], bytes]:
 
 async def _closed_by_client(session: aiohttp.ClientSession, stack: Stack, ws_id: str) -> dict[str, Any]:
     """How the app saw WebSocket ``ws_id`` end (polled until it has ended)."""
-    deadline = time.monotonic() + 5
-    while True:
+
+    async def seen() -> dict[str, Any] | None:
         async with session.get(f"{stack.app}/ws-closed/{ws_id}") as r:
-            if r.status == 200:
-                found: dict[str, Any] = await r.json()
-                return found
-        assert time.monotonic() < deadline, "the app never saw the WebSocket end"
-        await asyncio.sleep(0.02)
+            if r.status != 200:
+                return None
+            found: dict[str, Any] = await r.json()
+            return found
+
+    found: dict[str, Any] = await until("the app to see the WebSocket end", seen)
+    return found
 
 
 # -- 1. WebSockets ------------------------------------------------------------------------------------------
@@ -277,7 +279,7 @@ async def test_websocket_refused_by_the_app_is_relayed_without_upgrade(
         assert "Upgrade" not in r.headers
         assert "Sec-WebSocket-Accept" not in r.headers
         assert r.headers.get("Content-Length") == "0"
-        assert await asyncio.wait_for(r.read(), 2) == b""
+        assert await asyncio.wait_for(r.read(), 10) == b""
 
 
 # -- 2. A WebSocket handshake carrying a grant ---------------------------------------------------------------
@@ -313,30 +315,33 @@ async def test_websocket_handshake_with_a_grant_is_a_redemption(stack: Stack, se
 
 # -- 3. Server-sent events -----------------------------------------------------------------------------------
 async def test_event_stream_is_relayed_as_written(stack: Stack, session: aiohttp.ClientSession) -> None:
-    """The first event reaches the client while the app still holds the stream open (it waits for our go-ahead)."""
+    """The first event reaches the client while the app still holds the stream open (it waits for our go-ahead):
+    nothing of the second is there yet, and the stream has not ended."""
     sse_id = uuid.uuid4().hex
     async with session.get(f"{stack.gateway}/sse?id={sse_id}") as r:
         assert r.status == 200
         assert r.headers["Content-Type"] == "text/event-stream"
         assert r.headers["Cache-Control"] == "no-cache"
-        first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 2)
+        first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10)
         assert first == b"id: 1\ndata: first\n\n"
+        assert (r.content.read_nowait(), r.content.is_eof()) == (b"", False)  # a relay that held it back fails here
         async with session.post(f"{stack.app}/release/{sse_id}") as go:
             assert go.status == 200
-        assert await asyncio.wait_for(r.content.read(), 5) == b"id: 2\ndata: second\n\n"
+        assert await asyncio.wait_for(r.content.read(), 10) == b"id: 2\ndata: second\n\n"
 
 
 # -- 4. Per-app timeouts -------------------------------------------------------------------------------------
 async def test_read_timeout_answers_504(stack: Stack, session: aiohttp.ClientSession) -> None:
-    """An app that pauses longer than its read_timeout_seconds (0.5) gets the client a 504 at about that time;
-    a shorter pause is answered."""
+    """An app that pauses longer than its read_timeout_seconds (0.5) gets the client a 504 long before the app
+    would have answered; a shorter pause is answered."""
     async with session.get(f"{stack.gateway}/hasty/pause?seconds=0.1") as r:
         assert (r.status, await r.text()) == (200, "slept 0.1")
     started = time.monotonic()
-    async with session.get(f"{stack.gateway}/hasty/pause?seconds=3") as r:
+    async with session.get(f"{stack.gateway}/hasty/pause?seconds=30") as r:
         assert r.status == 504
         assert "slept" not in await r.text()
-    assert time.monotonic() - started < 2
+    # The bound is far above 0.5 s, so that a loaded machine passes, and far below 30 s: the timeout fired.
+    assert time.monotonic() - started < 10
 
 
 async def test_read_timeout_zero_waits_as_long_as_the_app_takes(stack: Stack, session: aiohttp.ClientSession) -> None:
@@ -476,24 +481,19 @@ async def test_idle_connection_the_app_closed_is_not_a_502(stack: Stack, session
     """The raw app answers with keep-alive and then closes the connection: the next request, a POST that can't be
     retried blindly, still gets the app's answer, round after round."""
 
-    async def all_closed() -> None:
-        deadline = time.monotonic() + 5
-        while True:
-            async with session.get(f"{stack.app}/raw-stats") as r:
-                stats = await r.json()
-            if stats["requests"] > 0 and stats["closed"] >= stats["requests"]:
-                return
-            assert time.monotonic() < deadline, stats
-            await asyncio.sleep(0.02)
+    async def closed() -> bool:
+        async with session.get(f"{stack.app}/raw-stats") as r:
+            stats = await r.json()
+        return bool(stats["requests"] > 0 and stats["closed"] >= stats["requests"])
 
     for n in range(3):
         async with session.get(f"{stack.gateway}/raw/first?n={n}") as r:
             assert (r.status, await r.text()) == (200, f"GET /first?n={n} 0 {_sha(b'')[:16]}")
-        await all_closed()
+        await until("the raw app to close every connection", closed)
         body = f"round {n}".encode()
         async with session.post(f"{stack.gateway}/raw/second", data=body) as r:
             assert (r.status, await r.text()) == (200, f"POST /second {len(body)} {_sha(body)[:16]}")
-        await all_closed()
+        await until("the raw app to close every connection", closed)
 
 
 # -- 8. Request headers --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
 from gateway.upstream import Client, Pool, UpstreamTimeout
+from tests.conftest import until
 
 Handler = Callable[["Connection", bytes], Awaitable[bool]]  # -> keep the connection open
 
@@ -41,6 +42,7 @@ class Server:
     handler: Handler
     port: int = 0
     connections: int = 0
+    closed: int = 0  # connections this server has closed (their sockets shut)
     requests: list[tuple[int, bytes]] = field(default_factory=list)  # (connection number, head + body)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -62,6 +64,9 @@ class Server:
             pass
         finally:
             writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            self.closed += 1
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
@@ -97,9 +102,11 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[Server]]]:
         await listening.wait_closed()
 
 
-async def fetch(client: Client, pool: Pool, method: str = "GET", body: object = None, **headers: str) -> bytes:
+async def fetch(
+    client: Client, pool: Pool, method: str = "GET", body: object = None, *, read_timeout: float = 2, **headers: str
+) -> bytes:
     exchange = await client.request(pool, method, "/x", "app", CIMultiDict(headers), body,  # type: ignore[arg-type]
-                                    connect_timeout=1, read_timeout=2)  # fmt: skip
+                                    connect_timeout=1, read_timeout=read_timeout)  # fmt: skip
     async with exchange as got:
         return await got.body.read()
 
@@ -119,16 +126,21 @@ async def test_connections_are_kept_alive_and_bounded(serve: Callable[[Handler],
 
 async def test_a_full_pool_waits_only_the_connect_timeout(serve: Callable[[Handler], Awaitable[Server]]) -> None:
     async def stuck(connection: Connection, request: bytes) -> bool:
-        await asyncio.sleep(5)
+        await connection.reader.read()  # never answers; done when the client lets go
         return False
 
     server = await serve(stuck)
     client = Client(limit=1)
     pool = client.pool("127.0.0.1", server.port, False)
-    first = asyncio.create_task(fetch(client, pool))
-    await asyncio.sleep(0.05)
+    first = asyncio.create_task(fetch(client, pool, read_timeout=60))  # holds the only connection throughout
+
+    async def first_arrived() -> bool:
+        return len(server.requests) == 1
+
+    await until("the app to receive the first request", first_arrived)
     with pytest.raises(UpstreamTimeout):
         await fetch(client, pool)  # connect_timeout=1: the only connection stays busy
+    assert server.connections == 1 and not first.done()  # it waited for the pool, never opened a second one
     first.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await first
@@ -146,7 +158,11 @@ async def test_a_connection_the_app_closed_while_idle_is_not_reused(
     client = Client(limit=4)
     pool = client.pool("127.0.0.1", server.port, False)
     assert await fetch(client, pool) == b"ok"
-    await asyncio.sleep(0.05)
+
+    async def app_closed() -> bool:
+        return server.closed == 1
+
+    await until("the app to close the first connection", app_closed)
     assert await fetch(client, pool, "POST", b"x") == b"ok"  # sent once, on a new connection
     assert [n for n, _ in server.requests] == [1, 2]
 
