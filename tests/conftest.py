@@ -89,8 +89,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_redis(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """Poll PING until the server answers (or fail with its output)."""
+def wait_for_redis(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Poll PING until the server answers (or fail saying whether it exited: a port another process took between
+    ``free_port()`` and the server's bind makes it exit at once)."""
     client = sync_redis.Redis(port=port, socket_connect_timeout=0.2)
     deadline = time.monotonic() + timeout
     while True:
@@ -99,7 +100,8 @@ def wait_for_redis(port: int, proc: subprocess.Popen[bytes], timeout: float = 10
                 return
         except sync_redis.ConnectionError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on {port} did not start") from None
+                how = f"exited with {proc.returncode}" if proc.poll() is not None else f"no answer in {timeout} s"
+                raise RuntimeError(f"redis-server on {port} did not start ({how})") from None
             time.sleep(0.02)
         finally:
             client.close()

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 RAW_CLOSE_AFTER = 0.05  # seconds the raw server keeps a connection open after its answer
-SSE_MAX_WAIT = 5.0  # seconds an event stream waits for the test's go-ahead before its second event
+SSE_MAX_WAIT = 30.0  # seconds an event stream waits for the test's go-ahead before its second event
 
 CLOSES: dict[str, dict[str, Any]] = {}  # WebSocket id -> how the client closed
 RELEASES: dict[str, asyncio.Event] = {}  # event stream id -> its go-ahead
