@@ -120,11 +120,12 @@ def test_the_build_context_holds_what_the_dockerfile_copies_and_not_the_venv_or_
     assert dockerignore_excludes(["gateway", "!gateway/x.py"], "gateway/y.py")
 
 
-def test_the_readme_nginx_commands_work_pasted_whole(tmp_path: Path) -> None:
-    """The README's block under "Deploying behind nginx", run as pasted (but for starting the gateway and
+def test_the_nginx_page_commands_work_pasted_whole(tmp_path: Path) -> None:
+    """The block of docs/nginx.md (which the README links to), run as pasted (but for starting the gateway and
     reloading the system's nginx): the internal port reaches proxy-config, whose output a real nginx accepts."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Deploying behind nginx") :]
+    assert "](docs/nginx.md)" in (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "nginx.md").read_text()
+    section = page[page.index("# Deploying behind nginx\n") :]
     start = section.index("```sh\n") + 6
     block = section[start : section.index("\n```", start)].splitlines()
     commands = [line for line in block if line.strip() and not line.startswith("#")]

@@ -164,7 +164,7 @@ async def test_errors_in_scims_shape(admin: Admin) -> None:
         assert response.status == 404
 
 
-# The scim2-tester checks that cannot pass as written, and why (each is also in the README):
+# The scim2-tester checks that cannot pass as written, and why (each is also in docs/directory-and-scim.md):
 KNOWN = {
     # It first adds the whole extension (which gives identifiers and attributes a value), then adds to each of
     # its multi-valued attributes and expects only the new value back; RFC 7644 §3.5.2.1 says an add appends

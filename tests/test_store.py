@@ -100,7 +100,7 @@ async def test_grant_holds_until_its_ttl(
 
 @pytest.mark.parametrize("redis_client", ["redis"], indirect=True)
 async def test_redis_commands_per_mint_and_redemption(gateway: GatewayFactory, redis_client: Any) -> None:
-    """Measured with INFO commandstats on the real server: the figures quoted in the README."""
+    """Measured with INFO commandstats on the real server: the figures quoted in docs/benchmark.md."""
     client = await gateway(apps=REDEEM_ON_GET)
 
     async def calls() -> dict[str, int]:
