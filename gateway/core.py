@@ -17,31 +17,20 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NoReturn
 
 import orjson
-import structlog
 
 from .assertion import Signer
+from .audit import Audit
 from .config import AppConfig, Config
-from .directory import (
-    Actors,
-    AppDirectory,
-    Principal,
-    Subject,
-    credential_hash,
-    identity_candidates,
-    load_directory_file,
-    same_domain,
-    source_digest,
-)
-from .errors import Forbidden, GrantRefused, Invalid, NotFound, RateLimited, StoreUnavailable, Unauthenticated
-from .logging import log_event
+from .directory import Principal, Subject
+from .directory_reader import DirectoryReader
+from .errors import Forbidden, GrantRefused, Invalid, NotFound, Refusal, StoreUnavailable, Unauthenticated
+from .limits import FailureLimits, redemption_keys
 from .metrics import Metrics
-from .store import LoadSummary, LoadUnderWay, Pair, Store
-
-log = structlog.get_logger("gateway")
+from .policy import Policy, actor_key
+from .store import Pair, Store
 
 
 @dataclass(frozen=True)
@@ -187,154 +176,24 @@ class Redemption:
     assertion: str
 
 
-class Directory:
-    """The directory as this process reads it.
-
-    Each app's actors (principals and resellers: few) are cached with the generation they come from, and
-    followed within ``directory.refresh_seconds`` of a load made by any process. Subjects (possibly
-    millions) are looked up in the store, in the generation this process follows, one request at a time:
-    the process's memory does not grow with them, and a load never stops it (the new generation is written
-    beside the one in use, then switched to).
-
-    When the store has no directory for an app (Redis restarted empty, a flush) and a directory file is
-    configured, the file is loaded again, so the gateway heals without a restart.
-    """
-
-    def __init__(self, store: Store, apps: Sequence[str], file: Path | None, refresh_seconds: float = 1.0) -> None:
-        self.store = store
-        self.apps = list(apps)
-        self.file = file
-        self.grace_seconds = 2 * refresh_seconds + 1  # before a replaced generation is dropped
-        self._current: dict[str, tuple[str, Actors, str]] = {}  # app -> (generation, actors, source digest)
-        self._read = False
-        self._lock = asyncio.Lock()
-        self._drops: set[asyncio.Task[None]] = set()
-
-    def actors(self, app: str) -> Actors:
-        """The app's principals and resellers (none if it has no directory); StoreUnavailable until read once."""
-        if not self._read:
-            raise StoreUnavailable()
-        found = self._current.get(app)
-        return _NO_ACTORS if found is None else found[1]
-
-    async def subject(self, app: str, subject_id: str) -> Subject | None:
-        generation = self._generation(app)
-        found = None if generation is None else await self.store.subject(app, generation, subject_id)
-        if found is None and await self._moved(app, generation):  # a load this process has not followed yet
-            return await self.subject(app, subject_id)
-        return found
-
-    async def subjects_by(self, app: str, *lookups: tuple[str, str]) -> list[Subject]:
-        generation = self._generation(app)
-        found = [] if generation is None else await self.store.subjects_by(app, generation, lookups)
-        if not found and await self._moved(app, generation):
-            return await self.subjects_by(app, *lookups)
-        return found
-
-    async def _moved(self, app: str, generation: str | None) -> bool:
-        """After a miss: whether the app's generation moved since this process last looked (it then follows it)."""
-        current = (await self.store.generations([app]))[app]
-        if current is None or current == generation:
-            return False
-        found = await self.store.actors(app, current)
-        if found is None:
-            return False
-        self._current[app] = (current, *found)
-        return True
-
-    def _generation(self, app: str) -> str | None:
-        if not self._read:
-            raise StoreUnavailable()
-        found = self._current.get(app)
-        return None if found is None else found[0]
-
-    async def refresh(self, *, load_file: bool = False) -> None:
-        """Follow the generation each app's directory is in; ``load_file`` (start-up) loads the directory file
-        first, for the apps whose store content did not come from the same file."""
-        async with self._lock:
-            generations = await self.store.generations(self.apps)
-            if self.file is not None and (load_file or any(g is None for g in generations.values())):
-                await self._load_file(generations)
-                generations = await self.store.generations(self.apps)
-            for app, generation in generations.items():
-                if generation is None:
-                    self._current.pop(app, None)
-                elif self._current.get(app, ("",))[0] != generation:
-                    found = await self.store.actors(app, generation)
-                    if found is not None:
-                        self._current[app] = (generation, *found)
-            self._read = True
-
-    async def _load_file(self, generations: Mapping[str, str | None]) -> None:
-        assert self.file is not None
-        for name, directory in load_directory_file(self.file).items():
-            if name not in generations:
-                log.warning("directory_app_unknown", app=name, file=str(self.file))
-                continue
-            source = source_digest(directory)
-            generation = generations[name]
-            found = None if generation is None else await self.store.actors(name, generation)
-            if found is not None and found[1] == source:
-                continue  # already loaded from this very file
-            summary = await self._load_app(directory, source, generation)
-            if summary is None:
-                continue
-            log.info("directory_loaded", file=str(self.file), app=name, generation=summary.generation,
-                     subjects=summary.subjects, added=summary.added, changed=summary.changed,
-                     removed=summary.removed, seconds=round(summary.seconds, 2))  # fmt: skip
-            task = asyncio.create_task(self._drop_later(name))
-            self._drops.add(task)
-            task.add_done_callback(self._drops.discard)
-
-    async def _load_app(self, directory: AppDirectory, source: str, generation: str | None) -> LoadSummary | None:
-        """Load one app from the file, unless another process is loading it: then follow that load (once it is
-        done, when the app had no directory yet, so this process never answers as if it had no actors)."""
-        app = directory.app
-        while True:
-            try:  # small batches: this process serves requests between them
-                return await self.store.load_app(directory, source=source, batch=200)
-            except LoadUnderWay:
-                if generation is not None:
-                    log.info("directory_load_skipped", file=str(self.file), app=app, reason="another load under way")
-                    return None
-            await asyncio.sleep(0.1)
-            if (await self.store.generations([app]))[app] is not None:
-                return None  # the other process's load is done
-
-    async def _drop_later(self, app: str) -> None:
-        """Drop the replaced generation once every process has had time to follow the new one."""
-        await asyncio.sleep(self.grace_seconds)
-        try:
-            await self.store.drop_generations(app)
-        except StoreUnavailable:
-            log.warning("directory_drop_failed", app=app, reason="store unavailable")  # the next load drops it
-
-    async def close(self) -> None:
-        for task in list(self._drops):
-            task.cancel()
-        await asyncio.gather(*self._drops, return_exceptions=True)
-
-
-_NO_ACTORS = Actors()
-
-
-def fingerprint(secret: str) -> str:
-    """A short, non-reversible name for a token or credential, safe to log."""
-    return credential_hash(secret)[:12]
-
-
 class Gateway:
-    """Mints and redeems grants. One per process; every method is safe to call concurrently."""
+    """Mints, redeems and revokes grants. One per process; every method is safe to call concurrently.
+
+    Who may act as whom is the :class:`~gateway.policy.Policy`'s to say, what is recorded the
+    :class:`~gateway.audit.Audit`'s; the flows here put them together with the store.
+    """
 
     def __init__(self, config: Config, store: Store, signer: Signer, metrics: Metrics) -> None:
         self.config = config
         self.store = store
         self.signer = signer
         self.metrics = metrics
-        self.directory = Directory(
+        self.directory = DirectoryReader(
             store, [a.name for a in config.apps], config.directory.file, config.directory.refresh_seconds
         )
-        self._blocked: dict[str, float] = {}  # failure key -> monotonic time its block ends
+        self.audit = Audit(store, metrics)
+        self.limits = FailureLimits(config.rate_limit, store, self.audit)
+        self.policy = Policy(self.directory, store, self.limits)
 
     # -- minting ------------------------------------------------------------------------------------
     async def mint(self, cmd: ImpersonationCommand, request_id: str = "") -> MintResult:
@@ -344,168 +203,24 @@ class Gateway:
         """
         app = self.config.app(cmd.app)
         try:
-            principal, subject = await self._authorise(app, cmd, request_id)
+            principal, subject = await self.policy.authorise(app, cmd, request_id)
         except (Unauthenticated, Forbidden, NotFound, Invalid) as exc:
-            self.metrics.refused.labels(app.name, app.dialect, type(exc).__name__.lower()).inc()
-            log_event("mint_refused", {"audit": True, "app": app.name, "dialect": app.dialect, "client": cmd.client,
-                                       "error": type(exc).__name__, "reason": _reason(exc),
-                                       **_request(request_id)})  # fmt: skip
+            self.audit.mint_refused(app, cmd.client, exc, request_id)
             raise
         now = int(time.time())
         ttl = cmd.ttl_seconds or app.grant_ttl_seconds
-        token, grant = self._new_grant(app, cmd, principal, subject, now, ttl, scope=None)
-        extra = {scope: self._new_grant(app, cmd, principal, subject, now, ttl, scope=scope, family=grant.id)
+        token, grant = _new_grant(app, cmd, principal, subject, now, ttl, scope=None)
+        extra = {scope: _new_grant(app, cmd, principal, subject, now, ttl, scope=scope, family=grant.id)
                  for scope in cmd.extra_scopes}  # fmt: skip
-        event = {
-            "grant_id": grant.id,
-            "app": app.name,
-            "dialect": app.dialect,
-            "actor": principal.id,
-            "subject": subject.id,
-            "client": cmd.client,
-        }
-        if cmd.reason is not None:
-            event["reason"] = cmd.reason
         pair = None
         if app.supersede:  # this grant becomes the only one of its actor and subject that redeems
             pair = Pair(self.store.pair_key(app.name, principal.id, subject.id), app.grant_ttl_seconds * 1000)
         await self.store.put_grants(
             app.name, [(g.id, g.to_json(), ttl * 1000) for g in [grant, *(g for _, g in extra.values())]],
-            {"event": "grant_minted", **event}, pair,
+            self.audit.minted_entry(grant, cmd.client), pair,
         )  # fmt: skip
-        self.metrics.count_minted(app.name, app.dialect, 1 + len(extra))
-        log_event("grant_minted", {"audit": True, "role": principal.role, "expires_at": grant.expires_at, **event,
-                                   **_request(request_id)})  # fmt: skip
+        self.audit.minted(grant, cmd.client, 1 + len(extra), request_id)
         return MintResult(token=token, grant=grant, subject=subject, extra=extra)
-
-    def _new_grant(
-        self, app: AppConfig, cmd: ImpersonationCommand, principal: Principal, subject: Subject, now: int, ttl: int,
-        scope: str | None, family: str | None = None,
-    ) -> tuple[str, Grant]:  # fmt: skip
-        bound = tuple(name for name in cmd.bind if getattr(subject, name) is not None)
-        token = base64.urlsafe_b64encode(secrets.token_bytes(TOKEN_BYTES)).decode()
-        grant = Grant(
-            id=grant_id(token),
-            app=app.name,
-            dialect=app.dialect,
-            subject=subject.id,
-            actor=principal.id,
-            role=principal.role,
-            actor_key=principal.credential_sha256[:16],
-            issued_at=now,
-            expires_at=now + ttl,
-            email=subject.email,
-            uuid=subject.uuid if "uuid" in bound else None,
-            custom_data=cmd.custom_data,
-            scope=scope,
-            bound=bound,
-            reason=cmd.reason,
-            family=family,
-            inc=subject.incarnation,
-        )
-        return token, grant
-
-    async def _authorise(self, app: AppConfig, cmd: ImpersonationCommand, request_id: str) -> tuple[Principal, Subject]:
-        if cmd.credential is None:
-            raise Unauthenticated("missing", cmd.credential_name)
-        self._check_blocked(self._failure_keys(cmd))
-        actors = self.directory.actors(app.name)
-        principal = actors.principal(credential_hash(cmd.credential))
-        if principal is None:
-            await self._record_failure(self._failure_keys(cmd), cmd.client, cmd.app, request_id)
-            raise Unauthenticated("unknown", cmd.credential_name)
-        if principal.role not in app.roles_allowed_to_mint:
-            raise Forbidden("role")
-        if app.require_reason and cmd.reason is None:
-            raise Invalid("reason", "missing")
-        if cmd.ttl_seconds is not None and not 0 < cmd.ttl_seconds <= app.grant_ttl_seconds:
-            raise Invalid("ttl_seconds", "value")
-        reseller = cmd.reseller
-        if principal.reseller is not None or reseller is not None:
-            # ActivePlatform: the path reseller must be the principal's or downstream of it, and the
-            # account must belong to the path reseller's subtree.
-            reseller = reseller or principal.reseller
-            assert reseller is not None
-            if not actors.reseller_exists(reseller):
-                raise NotFound("reseller")
-            if principal.reseller is None or not actors.within(reseller, principal.reseller):
-                raise Forbidden("scope")
-        subject = await self._resolve(app.name, cmd.target)
-        for name in cmd.bind:  # a grant whose carrier must bring back a value the subject lacks is unusable
-            if getattr(subject, name) is None:
-                raise NotFound("subject", name)
-        if reseller is not None and not actors.within(subject.reseller, reseller):
-            raise NotFound("subject")
-        if principal.domain is not None and not _same_domain(subject.domain, principal.domain):
-            raise Forbidden("scope")
-        return principal, subject
-
-    async def _resolve(self, app: str, ref: SubjectRef) -> Subject:
-        """The active subject ``ref`` names; NotFound or Invalid (ambiguous, mismatched, missing) otherwise."""
-        directory = self.directory
-        if ref.id is not None:
-            found = await directory.subject(app, ref.id)
-            if found is None or not found.active:
-                raise NotFound("subject", "id")
-            return found
-        if ref.identity is not None:
-            user, name, upn_domain = identity_candidates(ref.identity)
-            matches = [s for s in await directory.subjects_by(app, ("id", user), ("email", user))
-                       if s.active and s.answers_to(user, ref.domain)]  # fmt: skip
-            if not matches and name and upn_domain:  # a UPN that is nobody's: the user of that domain
-                matches = [s for s in await directory.subjects_by(app, ("id", name)) if s.active
-                           and s.id.casefold() == name and same_domain(s.domain, upn_domain)
-                           and (not ref.domain or same_domain(s.domain, ref.domain))]  # fmt: skip
-            if not matches:
-                raise NotFound("subject", "identity")
-            if len(matches) > 1:
-                raise Invalid("identity", "ambiguous")
-            return matches[0]
-        by_token = None
-        if ref.token is not None:
-            by_token = _one(await directory.subjects_by(app, ("token", credential_hash(ref.token))))
-            if by_token is None:
-                raise NotFound("subject", "token")
-        if ref.identifier is not None:
-            by_identifier = _one(await directory.subjects_by(app, ("identifier", ref.identifier)))
-            if by_identifier is None:
-                raise NotFound("subject", "identifier")
-            if by_token is not None and by_token.id != by_identifier.id:
-                raise Invalid("identifier", "mismatch")
-            return by_identifier
-        if by_token is not None:
-            return by_token
-        raise Invalid("subject", "missing")
-
-    # -- failed-credential limits -------------------------------------------------------------------
-    def _failure_keys(self, cmd: ImpersonationCommand) -> list[tuple[str, str]]:
-        keys = [("client", cmd.client)]
-        if cmd.credential:
-            keys.append(("credential", fingerprint(cmd.credential)))
-        return keys
-
-    def _check_blocked(self, keys: Sequence[tuple[str, str]]) -> None:
-        now = time.monotonic()
-        for kind, value in keys:
-            until = self._blocked.get(f"{kind}:{value}")
-            if until is not None:
-                if until > now:
-                    raise RateLimited(max(1, int(until - now + 0.999)))
-                del self._blocked[f"{kind}:{value}"]
-
-    async def _record_failure(self, keys: Sequence[tuple[str, str]], client: str, app: str, request_id: str) -> None:
-        """Count a failed credential in Redis (shared by every process); over the limit, block locally.
-
-        Only failures cost a round trip: the counters are shared, so each process learns of a block at
-        the next failure it sees, and a good credential never waits on Redis for this.
-        """
-        limits = self.config.rate_limit
-        counts = await self.store.record_failure(keys, limits.window_seconds)
-        for (kind, value), count in zip(keys, counts, strict=True):
-            if count >= limits.failures:
-                self._blocked[f"{kind}:{value}"] = time.monotonic() + limits.window_seconds
-                log.warning("credential_rate_limited", audit=True, kind=kind, client=client, app=app,
-                            **_request(request_id))  # fmt: skip
 
     # -- redemption ---------------------------------------------------------------------------------
     async def redeem(self, offers: Sequence[Offer], client: str, request_id: str = "") -> Redemption | None:
@@ -519,16 +234,39 @@ class Gateway:
         Refusals are counted per client like failed credentials (``rate_limit``): past the limit, the client's
         redemptions raise RateLimited, consuming nothing, so guessing grants costs a window per few tries.
         """
-        keys = [("redeem", client)]
-        self._check_blocked(keys)
+        keys = redemption_keys(client)
+        self.limits.check(keys)
         try:
             return await self._redeem(offers, client, request_id)
         except GrantRefused:
             with contextlib.suppress(StoreUnavailable):  # the refusal stands; its count is best effort
-                await self._record_failure(keys, client, offers[0].app, request_id)
+                await self.limits.record(keys, client, offers[0].app, request_id)
             raise
 
     async def _redeem(self, offers: Sequence[Offer], client: str, request_id: str) -> Redemption | None:
+        found = await self._consume(offers, client, request_id)
+        if found is None:
+            return None
+        token, grant = found
+        offer = next((o for o in offers if o.token == token and o.app == grant.app), None)
+        app = self.config.app(grant.app) if offer is not None else self.config.app(offers[0].app)
+        if offer is None or app.dialect != grant.dialect:
+            self._refuse(app, Refusal.WRONG_APP, client, grant, request_id)
+        if dict(offer.bound) != grant.bound_values():
+            self._refuse(app, Refusal.MISMATCH, client, grant, request_id)
+        now = int(time.time())
+        if grant.expires_at < now:
+            self._refuse(app, Refusal.EXPIRED, client, grant, request_id)
+        refusal = await self.policy.still_allowed(app, grant)
+        if refusal is not None:
+            self._refuse(app, refusal, client, grant, request_id)
+        assertion = self.signer.sign(assertion_claims(grant), now)
+        await self.audit.redeemed(grant, client, request_id)  # fails closed: no audit, no hand-off
+        return Redemption(app=app.name, grant=grant, token=token, assertion=assertion)
+
+    async def _consume(self, offers: Sequence[Offer], client: str, request_id: str) -> tuple[str, Grant] | None:
+        """Spend every grant offered; the one live grant among them, None for none. Refuses an unknown token in an
+        active carrier, a revoked or reused grant, and several live grants."""
         tokens = list(dict.fromkeys(o.token for o in offers))
         consumed = await asyncio.gather(*(self.store.consume(grant_id(t)) for t in tokens))
         first = self.config.app(offers[0].app)
@@ -536,77 +274,37 @@ class Gateway:
         for token, found in zip(tokens, consumed, strict=True):
             if found.grant is None:
                 if not all(o.passive for o in offers if o.token == token):
-                    self._refuse(first, "unknown", client, request_id=request_id)
+                    self._refuse(first, Refusal.UNKNOWN, client, request_id=request_id)
                 continue
             grant = Grant.from_json(grant_id(token), found.grant)
             if found.state == "revoked":
-                self._refuse(first, "revoked", client, grant, request_id)
+                self._refuse(first, Refusal.REVOKED, client, grant, request_id)
             if found.state == "reused":
-                self.metrics.reused.labels(grant.app).inc()
-                log.warning("grant_reused", audit=True, grant_id=grant.id, app=grant.app, actor=grant.actor,
-                            subject=grant.subject, dialect=grant.dialect, client=client,
-                            **_request(request_id))  # fmt: skip
-                self._refuse(first, "reused", client, grant, request_id)
+                self.audit.reused(grant, client, request_id)
+                self._refuse(first, Refusal.REUSED, client, grant, request_id)
             grants.append((token, grant))
-        if not grants:
-            return None
         if len(grants) > 1:
             for _, grant in grants[1:]:
-                log_event("grant_refused", {"audit": True, "app": grant.app, "dialect": grant.dialect,
-                                            "reason": "several", "client": client, "grant_id": grant.id,
-                                            "actor": grant.actor, "subject": grant.subject,
-                                            **_request(request_id)})  # fmt: skip
-            self._refuse(first, "several", client, grants[0][1], request_id)
-        token, grant = grants[0]
-        offer = next((o for o in offers if o.token == token and o.app == grant.app), None)
-        app = self.config.app(grant.app) if offer is not None else first
-        if offer is None or app.dialect != grant.dialect:
-            self._refuse(app, "wrong_app", client, grant, request_id)
-        if dict(offer.bound) != grant.bound_values():
-            self._refuse(app, "mismatch", client, grant, request_id)
-        now = int(time.time())
-        if grant.expires_at < now:
-            self._refuse(app, "expired", client, grant, request_id)
-        principal = self.directory.actors(app.name).principal_by_id(grant.actor)
-        if (
-            principal is None
-            or principal.credential_sha256[:16] != grant.actor_key
-            or principal.role not in app.roles_allowed_to_mint
-        ):
-            self._refuse(app, "revoked", client, grant, request_id)
-        if app.supersede:  # the subject, and whether a newer grant of the same actor and subject came since
-            pair = self.store.pair_key(app.name, grant.actor, grant.subject)
-            subject, newest = await asyncio.gather(self.directory.subject(app.name, grant.subject),
-                                                   self.store.newest(pair))  # fmt: skip
-            if newest is not None and newest != (grant.family or grant.id):
-                self._refuse(app, "superseded", client, grant, request_id)
-        else:
-            subject = await self.directory.subject(app.name, grant.subject)
-        if subject is None or not subject.active:  # removed, or deactivated, since the grant was minted
-            self._refuse(app, "revoked", client, grant, request_id)
-        if subject.incarnation != grant.inc:  # re-created or reactivated since: another life of the subject
-            self._refuse(app, "subject_changed", client, grant, request_id)
-        claims: dict[str, Any] = {
-            "aud": app.name,
-            "sub": grant.subject,
-            "act": {"sub": grant.actor, "role": grant.role},
-            "jti": grant.id,
-            "dialect": grant.dialect,
-        }
-        optional = (("email", grant.email), ("custom_data", grant.custom_data), ("scope", grant.scope),
-                    ("reason", grant.reason))  # fmt: skip
-        for key, value in optional:
-            if value is not None:
-                claims[key] = value
-        assertion = self.signer.sign(claims, now)
-        event = {"grant_id": grant.id, "app": app.name, "dialect": app.dialect,
-                 "actor": grant.actor, "subject": grant.subject, "client": client}  # fmt: skip
-        if grant.reason is not None:
-            event["reason"] = grant.reason
-        await self.store.append_audit({"event": "grant_redeemed", **event})  # fails closed: no audit, no hand-off
-        self.metrics.redeemed.labels(app.name, app.dialect).inc()
-        log_event("grant_redeemed", {"audit": True, **event, **_request(request_id)})
-        return Redemption(app=app.name, grant=grant, token=token, assertion=assertion)
+                self.audit.also_refused(grant, Refusal.SEVERAL, client, request_id)
+            self._refuse(first, Refusal.SEVERAL, client, grants[0][1], request_id)
+        return grants[0] if grants else None
+
+    def refuse(self, app_name: str, reason: Refusal | str, client: str, request_id: str = "") -> NoReturn:
+        """Refuse a redemption without consuming anything (a link presented with a method that may not use it).
+        A ``reason`` given as a string must be a :class:`Refusal`'s value."""
+        self._refuse(self.config.app(app_name), Refusal(reason), client, request_id=request_id)
+
+    def _refuse(
+        self, app: AppConfig, reason: Refusal, client: str, grant: Grant | None = None, request_id: str = ""
+    ) -> NoReturn:
+        self.audit.refused(app, reason, client, grant, request_id)
+        raise GrantRefused(reason)
+
+    async def live(self, tokens: Iterable[str]) -> set[str]:
+        """The tokens among ``tokens`` that hold a live grant, without consuming any (one round trip)."""
+        tokens = list(dict.fromkeys(tokens))
+        found = await self.store.live([grant_id(t) for t in tokens])
+        return {t for t, is_live in zip(tokens, found, strict=True) if is_live}
 
     # -- revocation ---------------------------------------------------------------------------------
     async def revoke_grant(self, grant_id: str, by: str) -> Grant | None:
@@ -617,7 +315,7 @@ class Gateway:
             return None
         grant = Grant.from_json(grant_id, data)
         await self.store.unindex(grant.app, [grant.id])
-        await self._audit_revoked([grant], by)
+        await self.audit.revoked([grant], by)
         return grant
 
     async def revoke(self, app: str, by: str, actor: str | None = None, subject: str | None = None) -> int:
@@ -630,54 +328,53 @@ class Gateway:
             ]
             deleted = await self.store.delete_grants(app, [g.id for g in chosen])
             gone = [g for g, was_live in zip(chosen, deleted, strict=True) if was_live]
-            await self._audit_revoked(gone, by)
+            await self.audit.revoked(gone, by)
             revoked += len(gone)
-        log_event("grants_revoked", {"audit": True, "app": app, "actor": actor, "subject": subject,
-                                     "revoked": revoked, "by": by})  # fmt: skip
+        self.audit.revoked_by_filter(app, actor, subject, revoked, by)
         return revoked
 
-    async def _audit_revoked(self, grants: Sequence[Grant], by: str) -> None:
-        events = [{"grant_id": g.id, "app": g.app, "dialect": g.dialect, "actor": g.actor, "subject": g.subject,
-                   "by": by} for g in grants]  # fmt: skip
-        await self.store.append_audits({"event": "grant_revoked", **e} for e in events)
-        for event, grant in zip(events, grants, strict=True):
-            self.metrics.revoked.labels(grant.app).inc()
-            log_event("grant_revoked", {"audit": True, **event})
 
-    async def live(self, tokens: Iterable[str]) -> set[str]:
-        """The tokens among ``tokens`` that hold a live grant, without consuming any (one round trip)."""
-        tokens = list(dict.fromkeys(tokens))
-        found = await self.store.live([grant_id(t) for t in tokens])
-        return {t for t, is_live in zip(tokens, found, strict=True) if is_live}
-
-    def refuse(self, app_name: str, reason: str, client: str, request_id: str = "") -> NoReturn:
-        """Refuse a redemption without consuming anything (a link presented with a method that may not use it)."""
-        self._refuse(self.config.app(app_name), reason, client, request_id=request_id)
-
-    def _refuse(
-        self, app: AppConfig, reason: str, client: str, grant: Grant | None = None, request_id: str = ""
-    ) -> NoReturn:
-        self.metrics.refused.labels(app.name, app.dialect, reason).inc()
-        details = {} if grant is None else {"grant_id": grant.id, "actor": grant.actor, "subject": grant.subject}
-        log_event("grant_refused", {"audit": True, "app": app.name, "dialect": app.dialect, "reason": reason,
-                                    "client": client, **details, **_request(request_id)})  # fmt: skip
-        raise GrantRefused(reason)
-
-
-def _request(request_id: str) -> dict[str, str]:
-    return {"request_id": request_id} if request_id else {}
+def _new_grant(
+    app: AppConfig, cmd: ImpersonationCommand, principal: Principal, subject: Subject, now: int, ttl: int,
+    scope: str | None, family: str | None = None,
+) -> tuple[str, Grant]:  # fmt: skip
+    bound = tuple(name for name in cmd.bind if getattr(subject, name) is not None)
+    token = base64.urlsafe_b64encode(secrets.token_bytes(TOKEN_BYTES)).decode()
+    grant = Grant(
+        id=grant_id(token),
+        app=app.name,
+        dialect=app.dialect,
+        subject=subject.id,
+        actor=principal.id,
+        role=principal.role,
+        actor_key=actor_key(principal),
+        issued_at=now,
+        expires_at=now + ttl,
+        email=subject.email,
+        uuid=subject.uuid if "uuid" in bound else None,
+        custom_data=cmd.custom_data,
+        scope=scope,
+        bound=bound,
+        reason=cmd.reason,
+        family=family,
+        inc=subject.incarnation,
+    )
+    return token, grant
 
 
-def _reason(exc: Exception) -> str:
-    return str(getattr(exc, "reason", None) or getattr(exc, "what", ""))
-
-
-def _same_domain(held: str | None, domain: str) -> bool:
-    return held is not None and held.casefold() == domain.casefold()
-
-
-def _one(subjects: list[Subject]) -> Subject | None:
-    """The one active subject a unique look-up (identifier, token) found; None for none, or for several (bad
-    data: nobody is guessed at)."""
-    active = [s for s in subjects if s.active]
-    return active[0] if len(active) == 1 else None
+def assertion_claims(grant: Grant) -> dict[str, Any]:
+    """The claims of the assertion a redemption of ``grant`` hands to its app (DESIGN §7; the signer adds ``iss``,
+    ``iat`` and ``exp``)."""
+    found: dict[str, Any] = {
+        "aud": grant.app,
+        "sub": grant.subject,
+        "act": {"sub": grant.actor, "role": grant.role},
+        "jti": grant.id,
+        "dialect": grant.dialect,
+    }
+    optional = (("email", grant.email), ("custom_data", grant.custom_data), ("scope", grant.scope),
+                ("reason", grant.reason))  # fmt: skip
+    for key, value in optional:
+        if value is not None:
+            found[key] = value
+    return found

@@ -131,12 +131,15 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def same_domain(held: str | None, asked: str) -> bool:
-    """A domain held in full (``sales.example.com``) or named by its first label (``SALES``)."""
+def same_domain(held: str | None, asked: str, *, by_first_label: bool = True) -> bool:
+    """Whether the domain ``held`` (a subject's, or None) is the domain ``asked``, in any case: named in full
+    (``sales.example.com``) or, when ``by_first_label``, by its first label (``SALES``) as a request may name it.
+    A principal's domain scopes it in full only (``by_first_label=False``): a first label would reach every
+    domain that begins with it."""
     if held is None:
         return False
     held, asked = held.casefold(), asked.casefold()
-    return held == asked or held.split(".", 1)[0] == asked
+    return held == asked or (by_first_label and held.split(".", 1)[0] == asked)
 
 
 @dataclass(frozen=True)

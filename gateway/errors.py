@@ -16,16 +16,20 @@ Core raises these; each dialect renders every one of them in its vendor's shape:
     ├── UpstreamUnavailable 502 the app's upstream cannot be reached (504: no connection in time)
     └── StoreUnavailable   503  Redis did not answer in time
 
-Exceptions carry fields, not prose: a dialect turns them into its own texts.
+Exceptions carry fields, not prose: a dialect turns them into its own texts. Each class has a stable ``code``
+(``invalid``, ``not_found``...; ``internal`` for a bare GatewayError, an unexpected failure).
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 
 class GatewayError(Exception):
     """Base of every error a dialect knows how to render."""
 
     status = 500
+    code = "internal"
 
 
 class Invalid(GatewayError):
@@ -33,6 +37,7 @@ class Invalid(GatewayError):
     of the request (``"unknown"``)."""
 
     status = 400
+    code = "invalid"
 
     def __init__(self, field: str, reason: str = "missing") -> None:
         super().__init__(field, reason)
@@ -44,6 +49,7 @@ class Unauthenticated(GatewayError):
     """The credential named ``credential`` is ``"missing"``, ``"unknown"`` or ``"ambiguous"``."""
 
     status = 401
+    code = "unauthenticated"
 
     def __init__(self, reason: str = "unknown", credential: str = "actor") -> None:
         super().__init__(reason, credential)
@@ -55,6 +61,7 @@ class Forbidden(GatewayError):
     """The actor is known but ``reason`` (``"role"`` or ``"scope"``) forbids this grant."""
 
     status = 403
+    code = "forbidden"
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -65,6 +72,7 @@ class NotFound(GatewayError):
     """``what`` (``"subject"`` or ``"reseller"``) looked up ``by`` one of its keys does not exist."""
 
     status = 404
+    code = "not_found"
 
     def __init__(self, what: str, by: str = "id") -> None:
         super().__init__(what, by)
@@ -72,12 +80,29 @@ class NotFound(GatewayError):
         self.by = by
 
 
+class Refusal(StrEnum):
+    """Why a redemption was refused: the ``reason`` of ``grant_refused`` events and of the refused metric."""
+
+    UNKNOWN = "unknown"  # no live grant has the offered token (never minted, expired out of the store)
+    REUSED = "reused"  # already redeemed
+    EXPIRED = "expired"
+    MISMATCH = "mismatch"  # a value bound to the grant (its e-mail, its uuid) did not come back with it
+    REVOKED = "revoked"  # revoked on the admin listener, or its actor or subject is no longer allowed
+    SUBJECT_CHANGED = "subject_changed"  # the subject was re-created or reactivated since the mint
+    SUPERSEDED = "superseded"  # a newer grant of the same actor and subject was minted (``supersede``)
+    SEVERAL = "several"  # one request offered more than one live grant
+    WRONG_APP = "wrong_app"  # offered to another app than its own
+    METHOD = "method"  # offered with a method that may not redeem it
+    CROSS_SITE = "cross_site"  # a cross-site POST offered it
+
+
 class GrantRefused(GatewayError):
     """A redemption failed. ``reason`` is for logs and metrics only, never shown to the caller."""
 
     status = 401
+    code = "grant_refused"
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: Refusal) -> None:
         super().__init__(reason)
         self.reason = reason
 
@@ -86,6 +111,7 @@ class MethodNotAllowed(GatewayError):
     """A mint or info path asked with a method it does not serve; ``allowed`` goes in the ``Allow`` header."""
 
     status = 405
+    code = "method_not_allowed"
 
     def __init__(self, allowed: tuple[str, ...]) -> None:
         super().__init__(allowed)
@@ -94,6 +120,7 @@ class MethodNotAllowed(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     status = 413
+    code = "payload_too_large"
 
     def __init__(self, limit: int) -> None:
         super().__init__(limit)
@@ -104,6 +131,7 @@ class RequestTimeout(GatewayError):
     """The body did not arrive within ``seconds``."""
 
     status = 408
+    code = "request_timeout"
 
     def __init__(self, seconds: float) -> None:
         super().__init__(seconds)
@@ -114,6 +142,7 @@ class UnsupportedEncoding(GatewayError):
     """A mint or carrier body sent with a ``Content-Encoding`` the gateway cannot (or could not) decode."""
 
     status = 415
+    code = "unsupported_encoding"
 
     def __init__(self, encoding: str) -> None:
         super().__init__(encoding)
@@ -122,6 +151,7 @@ class UnsupportedEncoding(GatewayError):
 
 class RateLimited(GatewayError):
     status = 429
+    code = "rate_limited"
 
     def __init__(self, retry_after: int) -> None:
         super().__init__(retry_after)
@@ -130,6 +160,7 @@ class RateLimited(GatewayError):
 
 class StoreUnavailable(GatewayError):
     status = 503
+    code = "store_unavailable"
 
 
 class UpstreamUnavailable(GatewayError):
@@ -137,6 +168,7 @@ class UpstreamUnavailable(GatewayError):
     of them busy or the app slow to accept (``timeout``, 504). A redemption meeting it spends no grant."""
 
     status = 502
+    code = "upstream_unavailable"
 
     def __init__(self, timeout: bool = False) -> None:
         super().__init__(timeout)
