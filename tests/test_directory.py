@@ -14,7 +14,6 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient
 
-import gateway.store
 from gateway.app import create_app
 from gateway.directory import AppDirectory, DirectoryError, Subject, parse_directory, parse_subject
 from gateway.store import LoadUnderWay, Store
@@ -103,12 +102,9 @@ async def dump_keys(store: Store) -> list[bytes]:
     return [k.removeprefix(store.prefix.encode()) for k in keys]
 
 
-async def test_a_killed_load_holds_its_app_until_its_lease_runs_out(
-    redis_client: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_killed_load_holds_its_app_until_its_lease_runs_out(redis_client: Any, prefix: str) -> None:
     """What a ``kill -9`` leaves: the lease, which expires; the next load then runs."""
-    monkeypatch.setattr(gateway.store, "LEASE_MS", 300)
-    store = Store(redis_client, prefix)
+    store = Store(redis_client, prefix, lease_ms=300)
     lease = f"{prefix}{{dir:{APP}}}:loading"
     await redis_client.set(lease, "deadbeefdeadbeef", px=300)
     with pytest.raises(LoadUnderWay):
@@ -121,11 +117,8 @@ async def test_a_killed_load_holds_its_app_until_its_lease_runs_out(
     assert (await store.load_app(app_directory(numbered(1)))).subjects == 1
 
 
-async def test_a_load_that_stalled_past_its_lease_switches_nothing(
-    redis_client: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(gateway.store, "LEASE_MS", 200)
-    store = Store(redis_client, prefix)
+async def test_a_load_that_stalled_past_its_lease_switches_nothing(redis_client: Any, prefix: str) -> None:
+    store = Store(redis_client, prefix, lease_ms=200)
     in_use = (await store.load_app(app_directory(numbered(3)))).generation
     with pytest.raises(DirectoryError, match="stalled past"):
         # the progress callback blocks the loop like a paused process: the lease expires in Redis meanwhile
