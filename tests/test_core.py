@@ -97,9 +97,10 @@ async def test_an_unknown_token_is_refused_and_a_passive_one_is_no_redemption(ga
 
 async def test_several_live_grants_spend_all_and_log_each(gateway: Gateway) -> None:
     first, second = await mint(gateway), await mint(gateway, "707")
-    reason, refused = await refusal(gateway, [Offer(first.token, "control-panel"), Offer(second.token, "control-panel")])
+    offers = [Offer(first.token, "control-panel"), Offer(second.token, "control-panel")]
+    reason, refused = await refusal(gateway, offers)
     assert reason == Refusal.SEVERAL
-    assert [(e["reason"], e["grant_id"]) for e in refused] == [("several", second.grant.id), ("several", first.grant.id)]
+    assert [(e["reason"], e["grant_id"]) for e in refused] == [("several", g.grant.id) for g in (second, first)]
     assert await gateway.live([first.token, second.token]) == set()
 
 
