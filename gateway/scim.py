@@ -13,8 +13,9 @@ that removes it, leaves it as it was (a new User is active unless it says otherw
 reactivating one, starts a new incarnation of its subject: grants minted before are never honoured.
 
 Writes go to the generation of the app's directory in use, one subject at a time, atomically with its index
-entries (:meth:`gateway.store.Store.put_subject`). A directory load replaces all subjects, including what SCIM
-wrote while it ran.
+entries, if the subject is still what the write read: one that meets another writer in between reads and tries
+again, five times, then answers 409 (:meth:`gateway.store.directory.DirectoryStore.change`). A directory load
+replaces all subjects, including what SCIM wrote while it ran.
 
 Bounds, so that no request holds the gateway up: a body of at most :data:`MAX_BODY` bytes arriving within
 ``server.body_timeout_seconds`` (408 after), at most :data:`MAX_ITEMS` entries in any list of it (a PATCH's
@@ -60,6 +61,7 @@ from .core import Gateway
 from .directory import DirectoryError, Subject, new_incarnation, parse_subject
 from .errors import GatewayError, PayloadTooLarge, RequestTimeout, StoreUnavailable, UnsupportedEncoding
 from .logging import loggable_path, unexpected
+from .store import Contended
 
 log = structlog.get_logger("gateway")
 
@@ -214,6 +216,14 @@ def subject_of(user: User, was: Subject | None, now: str) -> Subject:
     return dataclasses.replace(subject, scim=doc, incarnation=incarnation)
 
 
+def _found(subject: Subject | None, request: web.Request) -> Subject:
+    """``subject``; a 404 naming the id in the path when there is none (the id is decoded once, by aiohttp: the
+    Location quotes it once)."""
+    if subject is None:
+        raise ScimError(404, f"no user {request.match_info['id']!r}")
+    return subject
+
+
 class Users:
     """The SCIM endpoints of every app (``app`` in the path), over the gateway's store."""
 
@@ -316,7 +326,7 @@ class Users:
         self, request: web.Request, text: str | None, start: int, count: int, chosen: tuple[list[str], list[str]]
     ) -> web.Response:
         app = self._app(request)
-        generation = await self._generation(app)
+        generation = await self.store.generation(app)
         if text is not None:
             subjects = await self._filtered(app, generation, text) if generation else []
             total, page = len(subjects), subjects[start - 1 : start - 1 + count]
@@ -335,7 +345,7 @@ class Users:
     async def create(self, request: web.Request) -> web.Response:
         app = self._app(request)
         data = await self._json_in(request)
-        generation = await self._generation(app, create=True)
+        generation = await self.store.generation(app, start=True)
         assert generation is not None
         subject = await asyncio.to_thread(
             lambda: subject_of(_validated(data, Context.RESOURCE_CREATION_REQUEST), None, _now())
@@ -376,12 +386,12 @@ class Users:
 
     async def delete(self, request: web.Request) -> web.Response:
         app = self._app(request)
-        for _ in range(5):
-            was = await self._existing(app, request)
-            generation = await self._generation(app)
-            if generation is not None and await self.store.put_subject(app, generation, was, None):
-                return web.Response(status=204)
-        raise ScimError(409, "the user keeps changing: try again")
+
+        async def gone(was: Subject | None) -> None:
+            _found(was, request)
+
+        await self._change(app, request, gone)
+        return web.Response(status=204)
 
     async def _write(self, request: web.Request, app: str, make: Callable[[Subject], User]) -> web.Response:
         """Read, change (in a worker thread: ``make`` may be slow) and write one subject; again if another writer
@@ -394,13 +404,22 @@ class Users:
             user.user_name = was.id
             return subject_of(user, was, _now())
 
-        for _ in range(5):
-            was = await self._existing(app, request)
-            subject = await asyncio.to_thread(changed, was)
-            generation = await self._generation(app)
-            if generation is not None and await self.store.put_subject(app, generation, was, subject):
-                return json_response(await self._shown(request, subject))
-        raise ScimError(409, "the user keeps changing: try again")
+        async def change(was: Subject | None) -> Subject:
+            return await asyncio.to_thread(changed, _found(was, request))
+
+        subject = await self._change(app, request, change)
+        assert subject is not None
+        return json_response(await self._shown(request, subject))
+
+    async def _change(
+        self, app: str, request: web.Request, fn: Callable[[Subject | None], Awaitable[Subject | None]]
+    ) -> Subject | None:
+        """The store's compare-and-retry write of the subject the path names (:meth:`DirectoryStore.change`); 409
+        when other writers keep changing it."""
+        try:
+            return await self.store.change(app, request.match_info["id"], fn)
+        except Contended:
+            raise ScimError(409, "the user keeps changing: try again") from None
 
     # -- helpers --------------------------------------------------------------------------------------
     def _app(self, request: web.Request) -> str:
@@ -412,20 +431,8 @@ class Users:
     def _base(self, request: web.Request) -> str:
         return f"{request.scheme}://{request.host}/scim/v2/{quote(self._app(request), safe='')}"
 
-    async def _generation(self, app: str, *, create: bool = False) -> str | None:
-        """The app's generation in use, read afresh (a write must not land in one a load has replaced)."""
-        generation = (await self.store.generations([app]))[app]
-        if generation is None and create:
-            generation = await self.store.start_generation(app)
-        return generation
-
     async def _existing(self, app: str, request: web.Request) -> Subject:
-        subject_id = request.match_info["id"]  # decoded once, by aiohttp: the Location quotes it once
-        generation = await self._generation(app)
-        subject = None if generation is None else await self.store.subject(app, generation, subject_id)
-        if subject is None:
-            raise ScimError(404, f"no user {subject_id!r}")
-        return subject
+        return _found(await self.store.current_subject(app, request.match_info["id"]), request)
 
     async def _filtered(self, app: str, generation: str, text: str) -> list[Subject]:
         """The subjects a filter selects: candidates from the index (the filter must pin ``userName``,

@@ -13,8 +13,8 @@ import yaml
 from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
-from gateway.directory import parse_directory
-from gateway.store import Store
+from gateway.directory import Subject, parse_directory
+from gateway.store import Contended, Store
 from tests.conftest import DIRECTORY, KEY, GatewayFactory, Upstream, make_config, start_redis, until
 
 SEED = "/api/v3/resellers/1/user_authentication/token?account_id=505"
@@ -143,6 +143,61 @@ async def test_directory_load_replaces_an_app_and_hashes_tokens(redis_client: An
     ] == ["505"]
     assert first.generation.encode() not in await dump(redis_client, prefix)  # the older generation is gone
     assert b"t0k3n-plain" not in await dump(redis_client, prefix)
+
+
+async def test_a_change_reads_again_when_another_writer_came_in_between(redis_client: Any, prefix: str) -> None:
+    store = Store(redis_client, prefix)
+    generation = (await store.load_directory(parse_directory(DIRECTORY)))["control-panel"].generation
+    seen: list[str | None] = []
+
+    async def renamed(was: Subject | None) -> Subject | None:
+        assert was is not None
+        seen.append(was.name)
+        if len(seen) == 1:  # another writer, between this change's read and its write
+            assert await store.put_subject("control-panel", generation, was, Subject(was.id, was.email, "other"))
+        return Subject(was.id, "new@example.com", f"after {was.name}")
+
+    changed = await store.change("control-panel", "505", renamed)
+    assert seen == [None, "other"]
+    assert changed == await store.subject("control-panel", generation, "505")
+    assert changed is not None and changed.name == "after other"
+    found = await store.subjects_by("control-panel", generation, [("email", "new@example.com")])
+    assert [s.id for s in found] == ["505"]  # the index moved with the subject
+    assert await store.subjects_by("control-panel", generation, [("email", "example@activeplatform.com")]) == []
+
+
+async def test_a_change_gives_up_on_a_subject_that_keeps_changing(redis_client: Any, prefix: str) -> None:
+    store = Store(redis_client, prefix)
+    generation = (await store.load_directory(parse_directory(DIRECTORY)))["control-panel"].generation
+    calls = 0
+
+    async def contended(was: Subject | None) -> Subject | None:
+        nonlocal calls
+        calls += 1
+        assert was is not None
+        assert await store.put_subject("control-panel", generation, was, Subject(was.id, name=str(calls)))
+        return None  # delete it, were it still what was read
+
+    with pytest.raises(Contended):
+        await store.change("control-panel", "505", contended, attempts=3)
+    assert calls == 3
+    kept = await store.subject("control-panel", generation, "505")
+    assert kept is not None and kept.name == "3"
+
+
+async def test_a_change_of_an_absent_subject_creates_it_or_does_nothing(redis_client: Any, prefix: str) -> None:
+    store = Store(redis_client, prefix)
+    assert await store.change("control-panel", "41", lambda was: asyncio.sleep(0, None)) is None
+    assert await store.generation("control-panel") is None  # no directory: nothing was started
+    generation = await store.generation("control-panel", start=True)
+    assert generation is not None and await store.generation("control-panel") == generation
+
+    async def created(was: Subject | None) -> Subject:
+        assert was is None
+        return Subject("41", "41@example.com")
+
+    assert await store.change("control-panel", "41", created) == Subject("41", "41@example.com")
+    assert await store.current_subject("control-panel", "41") == Subject("41", "41@example.com")
 
 
 async def test_directory_reloads_itself_when_the_store_comes_back_empty(
