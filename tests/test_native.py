@@ -169,18 +169,24 @@ async def test_require_reason_applies(gateway: GatewayFactory) -> None:
     assert (await native(client, {"app": "control-panel", "subject": "505", "reason": "ticket 1"})).status == 201
 
 
-async def test_a_body_over_the_limit_and_a_store_outage(gateway: GatewayFactory, monkeypatch: Any) -> None:
-    client = await gateway(apps=APPS, directory=DIRECTORY, server={"body_limit_bytes": 256})
+async def test_a_body_over_the_limit_and_a_store_outage(aiohttp_client: Any, upstream: Upstream, prefix: str) -> None:
+    import fakeredis
+
+    from gateway.app import create_app
+    from gateway.directory import parse_directory
+    from gateway.store import Store
+    from tests.conftest import KEY, make_config
+
+    server = fakeredis.FakeServer()  # a Redis of this test's own, to take away
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    await Store(redis, prefix).load_directory(parse_directory(DIRECTORY))
+    config = make_config(prefix, upstream.url, APPS, server={"body_limit_bytes": 256})
+    client = await aiohttp_client(create_app(config, redis=redis, key=KEY))
     big = {"app": "control-panel", "subject": "505", "custom_data": "x" * 512}
     await problem(await native(client, big), 413)
-    from gateway.errors import StoreUnavailable
-    from gateway.store import Store
-
-    async def down(*args: Any, **kwargs: Any) -> None:
-        raise StoreUnavailable()
-
-    monkeypatch.setattr(Store, "put_grants", down)
+    server.connected = False  # from here every command fails with a connection error
     await problem(await native(client, {"app": "control-panel", "subject": "505"}), 503)
+    await redis.aclose()
 
 
 async def test_on_an_apps_own_host_the_path_is_the_apps(gateway: GatewayFactory, upstream: Upstream) -> None:

@@ -82,17 +82,21 @@ async def test_an_unknown_link_in_a_browser_is_the_same_page(gateway: GatewayFac
     assert upstream.requests == []
 
 
-async def test_a_store_outage_is_not_dressed_as_a_refusal(gateway: GatewayFactory, monkeypatch: Any) -> None:
+async def test_a_store_outage_is_not_dressed_as_a_refusal(aiohttp_client: Any, upstream: Upstream, prefix: str) -> None:
     """Only a refused grant becomes the page: a 503 stays the dialect's, so nobody is told to ask for a new link
     when theirs is fine."""
-    from gateway.errors import StoreUnavailable
+    import fakeredis
+
+    from gateway.app import create_app
+    from gateway.directory import parse_directory
     from gateway.store import Store
+    from tests.conftest import KEY, make_config
 
-    client = await gateway(apps=APPS, directory=DIRECTORY)
-
-    async def down(self: Store, token_hash: str) -> Any:
-        raise StoreUnavailable()
-
-    monkeypatch.setattr(Store, "consume", down)
+    server = fakeredis.FakeServer()  # a Redis of this test's own, to take away
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    await Store(redis, prefix).load_directory(parse_directory(DIRECTORY))
+    client = await aiohttp_client(create_app(make_config(prefix, upstream.url, APPS), redis=redis, key=KEY))
+    server.connected = False  # every command fails with a connection error
     response = await client.get("/?token=" + "A" * 32, headers={"Accept": BROWSER})
     assert response.status == 503 and response.content_type != "text/html"
+    await redis.aclose()

@@ -5,16 +5,19 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import fakeredis
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.app import create_app
 from gateway.config import config_from_dict
 from gateway.core import ImpersonationCommand
 from gateway.dialects import HttpRequest
 from gateway.dialects.pyramid import dialect
+from gateway.directory import parse_directory
 from gateway.errors import (
     Forbidden,
     GatewayError,
@@ -27,7 +30,7 @@ from gateway.errors import (
     Unauthenticated,
 )
 from gateway.store import Store
-from tests.conftest import GatewayFactory, Upstream
+from tests.conftest import KEY, GatewayFactory, Upstream, make_config
 
 EA = "ea-token-Wq8s1Zr0"  # enterprise_admin
 DA = "da-token-Kp3m9Lx2"  # domain_admin of sales.example.com
@@ -239,21 +242,18 @@ async def test_repeated_bad_tokens_are_rate_limited(gateway: GatewayFactory) -> 
     assert await response.text() == f"Too many failed attempts; retry in {response.headers['Retry-After']} s"
 
 
-async def test_store_outage_is_503(
-    gateway: GatewayFactory, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    client = await start(gateway)
+async def test_store_outage_is_503(aiohttp_client: Any, upstream: Upstream, prefix: str) -> None:
+    server = fakeredis.FakeServer()  # a Redis of this test's own, to take away
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    await Store(redis, prefix).load_directory(parse_directory(DIRECTORY))
+    client = await aiohttp_client(create_app(make_config(prefix, upstream.url, APPS), redis=redis, key=KEY))
     token = await grant_for(client, userIdentity="jdoe")
-
-    async def unavailable(*args: Any, **kwargs: Any) -> None:
-        raise StoreUnavailable()
-
-    monkeypatch.setattr(Store, "put_grants", unavailable)
-    monkeypatch.setattr(Store, "consume", unavailable)
+    server.connected = False  # from here every command fails with a connection error
     for response in (await mint(client, {"token": EA, "userIdentity": "jdoe"}), await client.get(f"/?token={token}")):
         assert (response.status, await response.text()) == (503, "Service unavailable")
         assert response.headers["Content-Type"] == TEXT
     assert upstream.requests == []
+    await redis.aclose()
 
 
 @pytest.mark.parametrize(
