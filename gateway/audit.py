@@ -120,8 +120,10 @@ def error_reason(error: GatewayError) -> str:
 
 
 def mint_refusal_label(error: GatewayError) -> str:
-    """The refused metric's ``reason`` label of a refused mint: the error's class, lowercased."""
-    return type(error).__name__.lower()
+    """The refused metric's ``reason`` label of a refused mint: the error's class and its reason, lowercased
+    (``forbidden_role``, ``unauthenticated_unknown``, ``notfound_subject``), so no mint's label is a redemption's
+    :class:`~gateway.errors.Refusal`."""
+    return f"{type(error).__name__}_{error_reason(error)}".lower()
 
 
 def _grant_fields(grant: Grant, client: str) -> dict[str, str]:
