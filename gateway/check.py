@@ -18,7 +18,7 @@ from .config import Config, ConfigError, load_config
 from .dialects import Carrier, all_dialects
 from .directory import DirectoryError, load_directory_file
 from .native import PATH as NATIVE_PATH
-from .store import Store, connect, redacted, unreachable
+from .store import Store, redacted, unreachable
 
 
 @dataclass
@@ -78,7 +78,7 @@ def _store(config: Config, report: Report) -> None:
         return
 
     async def ping() -> None:
-        store = Store(connect(url, config.store.timeout_seconds), config.store.prefix, config.store.timeout_seconds)
+        store = Store.open(config.store)
         try:
             await store.ping(raising=True)
         finally:

@@ -22,7 +22,7 @@ from .assertion import generate_key_file
 from .config import Config, ConfigError, load_config
 from .directory import AppDirectory, DirectoryError, SubjectsFile, load_directory_file, source_digest
 from .logging import configure_logging
-from .store import Store, connect, unreachable
+from .store import Store, unreachable
 
 
 class CliError(Exception):
@@ -239,9 +239,7 @@ def _store_for(config: Config, what: str, instead: str) -> Store:
             f"store.url is 'embedded' (inside the serving process): {what} needs a shared Redis "
             f"(set store.url or GATEWAY_REDIS_URL); {instead}"
         )
-    return Store(
-        connect(config.store.url, config.store.timeout_seconds), config.store.prefix, config.store.timeout_seconds
-    )
+    return Store.open(config.store)
 
 
 def _directory_load(args: argparse.Namespace) -> int:
