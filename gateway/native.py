@@ -18,8 +18,8 @@ from aiohttp import web
 
 from . import body as bodies
 from .config import AppConfig, Config
-from .core import CUSTOM_DATA_MAX, Gateway, ImpersonationCommand, SubjectRef, check_custom_data, parse_reason
-from .dialects import Dialect, bearer, load_json_object
+from .core import Gateway, ImpersonationCommand, SubjectRef, check_custom_data, parse_reason
+from .dialects import Dialect, bearer, load_json_object, on, render
 from .errors import (
     Forbidden,
     GatewayError,
@@ -51,66 +51,44 @@ def problem(status: int, kind: str, title: str, detail: str, **headers: str) -> 
     return web.Response(body=orjson.dumps(body), status=status, content_type=PROBLEM, headers=headers)
 
 
+# kind (the end of its type URI), title and detail of each error's problem details
+ERRORS = (
+    on(Invalid, "invalid-request", "Invalid request", "{field}: not a field of this request", reason="unknown"),
+    on(Invalid, "invalid-request", "Invalid request", "the body must be a JSON object", field="body"),
+    on(Invalid, "reason-required", "Reason required", "this app requires a reason", field="reason", reason="missing"),
+    on(Invalid, "invalid-request", "Invalid request", "reason: at most {reason_max} printable characters",
+       field="reason"),
+    on(Invalid, "invalid-request", "Invalid request",
+       "ttl_seconds: a whole number of seconds from 1 to the app's grant_ttl_seconds", field="ttl_seconds"),
+    on(Invalid, "invalid-request", "Invalid request", "app: no app of that name", field="app", reason="value"),
+    on(Invalid, "invalid-request", "Invalid request", "{field}: required", reason="missing"),
+    on(Invalid, "invalid-request", "Invalid request", "{field}: at most {custom_data_max} bytes", reason="too_large"),
+    on(Invalid, "invalid-request", "Invalid request", "{field}: not a valid value"),
+    on(Unauthenticated, "unauthenticated", "Unauthenticated", "Authorization: Bearer <credential> is required",
+       reason="missing", headers=(("WWW-Authenticate", "Bearer"),)),
+    on(Unauthenticated, "unauthenticated", "Unauthenticated", "the credential is not valid for this app",
+       headers=(("WWW-Authenticate", 'Bearer error="invalid_token"'),)),
+    on(Forbidden, "forbidden", "Forbidden", "this actor's role may not impersonate in this app", reason="role"),
+    on(Forbidden, "forbidden", "Forbidden", "the subject is outside this actor's reach"),
+    on(NotFound, "not-found", "Not found", "the actor's reseller does not exist", what="reseller"),
+    on(NotFound, "not-found", "Not found", "no active subject has that id", by="id"),
+    on(NotFound, "not-found", "Not found", "the subject has no {by}, which its login link needs"),
+    on(GrantRefused, "grant-refused", "Grant refused", "the grant is unknown, expired or already used"),
+    on(MethodNotAllowed, "method-not-allowed", "Method not allowed", "use {allowed}"),
+    on(RequestTimeout, "request-timeout", "Request timeout", "the request body did not arrive in time"),
+    on(PayloadTooLarge, "payload-too-large", "Payload too large", "the body is over {limit} bytes"),
+    on(UnsupportedEncoding, "unsupported-encoding", "Unsupported encoding",
+       "a body with Content-Encoding {encoding} cannot be decoded"),
+    on(RateLimited, "rate-limited", "Too many requests", "too many failed credentials; retry in {retry_after} s"),
+    on(StoreUnavailable, "unavailable", "Service unavailable", "the store is not answering; retry shortly"),
+    on(UpstreamUnavailable, "upstream-unavailable", "Upstream unavailable", "the application cannot be reached"),
+    on(GatewayError, "internal", "Internal error", "an unexpected error; it is logged", status=500),
+)  # fmt: skip
+
+
 def error_problem(error: GatewayError) -> web.Response:
-    """Every gateway error as problem details."""
-    match error:
-        case Invalid(field=field, reason="unknown"):  # a typo should not pass silently
-            return problem(400, "invalid-request", "Invalid request", f"{field}: not a field of this request")
-        case Invalid(field="body"):
-            return problem(400, "invalid-request", "Invalid request", "the body must be a JSON object")
-        case Invalid(field="reason", reason="missing"):
-            return problem(400, "reason-required", "Reason required", "this app requires a reason")
-        case Invalid(field="reason"):
-            return problem(400, "invalid-request", "Invalid request", "reason: at most 200 printable characters")
-        case Invalid(field="ttl_seconds"):
-            return problem(400, "invalid-request", "Invalid request",
-                           "ttl_seconds: a whole number of seconds from 1 to the app's grant_ttl_seconds")  # fmt: skip
-        case Invalid(field="app", reason="value"):
-            return problem(400, "invalid-request", "Invalid request", "app: no app of that name")
-        case Invalid(field=field, reason="missing"):
-            return problem(400, "invalid-request", "Invalid request", f"{field}: required")
-        case Invalid(field=field, reason="too_large"):
-            return problem(400, "invalid-request", "Invalid request", f"{field}: at most {CUSTOM_DATA_MAX} bytes")
-        case Invalid(field=field):
-            return problem(400, "invalid-request", "Invalid request", f"{field}: not a valid value")
-        case Unauthenticated(reason="missing"):
-            return problem(401, "unauthenticated", "Unauthenticated", "Authorization: Bearer <credential> is required",
-                           **{"WWW-Authenticate": "Bearer"})  # fmt: skip
-        case Unauthenticated():
-            return problem(401, "unauthenticated", "Unauthenticated", "the credential is not valid for this app",
-                           **{"WWW-Authenticate": 'Bearer error="invalid_token"'})  # fmt: skip
-        case Forbidden(reason="role"):
-            return problem(403, "forbidden", "Forbidden", "this actor's role may not impersonate in this app")
-        case Forbidden():
-            return problem(403, "forbidden", "Forbidden", "the subject is outside this actor's reach")
-        case NotFound(what="reseller"):
-            return problem(404, "not-found", "Not found", "the actor's reseller does not exist")
-        case NotFound(by="id"):
-            return problem(404, "not-found", "Not found", "no active subject has that id")
-        case NotFound(by=field):
-            return problem(404, "not-found", "Not found", f"the subject has no {field}, which its login link needs")
-        case GrantRefused():
-            return problem(401, "grant-refused", "Grant refused", "the grant is unknown, expired or already used")
-        case MethodNotAllowed(allowed=allowed):
-            return problem(405, "method-not-allowed", "Method not allowed", f"use {', '.join(allowed)}",
-                           Allow=", ".join(allowed))  # fmt: skip
-        case RequestTimeout():
-            response = problem(408, "request-timeout", "Request timeout", "the request body did not arrive in time")
-            response.force_close()
-            return response
-        case PayloadTooLarge(limit=limit):
-            return problem(413, "payload-too-large", "Payload too large", f"the body is over {limit} bytes")
-        case UnsupportedEncoding(encoding=encoding):
-            return problem(415, "unsupported-encoding", "Unsupported encoding",
-                           f"a body with Content-Encoding {encoding} cannot be decoded")  # fmt: skip
-        case RateLimited(retry_after=seconds):
-            detail = f"too many failed credentials; retry in {seconds} s"
-            return problem(429, "rate-limited", "Too many requests", detail, **{"Retry-After": str(seconds)})
-        case StoreUnavailable():
-            return problem(503, "unavailable", "Service unavailable", "the store is not answering; retry shortly")
-        case UpstreamUnavailable(status=status):
-            return problem(status, "upstream-unavailable", "Upstream unavailable", "the application cannot be reached")
-    return problem(500, "internal", "Internal error", "an unexpected error; it is logged")
+    """Every gateway error as problem details, by :data:`ERRORS`."""
+    return render(ERRORS, error, lambda status, parts: problem(status, *map(str, parts)))
 
 
 async def read_json(request: web.Request, config: Config) -> dict[str, Any]:

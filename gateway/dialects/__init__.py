@@ -1,7 +1,8 @@
 """Dialects: translators between a vendor's API style and the one core command.
 
 A dialect declares its endpoints and grant carriers as data, parses an :class:`HttpRequest` into an
-``ImpersonationCommand``, and renders results and every ``GatewayError`` in its vendor's shape. It never
+``ImpersonationCommand``, and renders results and every ``GatewayError`` in its vendor's shape: a table of
+:class:`Rule` (error class, field values, answer) read by one method, :meth:`Dialect.render_error`. It never
 talks to Redis.
 """
 
@@ -10,8 +11,9 @@ from __future__ import annotations
 import functools
 import importlib
 import re
+import string
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -22,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy, MultiMapping
 
 from ..config import DIALECTS, AppConfig
-from ..core import ImpersonationCommand, MintResult
+from ..core import CUSTOM_DATA_MAX, REASON_HEADER, REASON_MAX, ImpersonationCommand, MintResult
 from ..errors import GatewayError, MethodNotAllowed, RateLimited, RequestTimeout
 
 
@@ -103,6 +105,61 @@ class HttpRequest:
     params: Mapping[str, str] = field(default_factory=dict)  # its path parameters
 
 
+# Names every answer's template may use beside the error's own fields.
+CONSTANTS: Mapping[str, str | int] = {
+    "reason_header": REASON_HEADER,
+    "reason_max": REASON_MAX,
+    "custom_data_max": CUSTOM_DATA_MAX,
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of an error table: errors of class ``error`` whose fields have the values in ``when`` get
+    ``status`` (None: the error's own) and the answer ``parts`` that the table's envelope puts in its shape.
+    A string part is a template of the error's fields (``{field}``, ``{limit}``, ``{allowed}``, a tuple joined
+    by ", ") and of :data:`CONSTANTS`. ``headers`` are added to the answer."""
+
+    error: type[GatewayError]
+    parts: tuple[str | int, ...]
+    when: tuple[tuple[str, object], ...] = ()
+    status: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def matches(self, error: GatewayError) -> bool:
+        return isinstance(error, self.error) and all(getattr(error, k, None) == v for k, v in self.when)
+
+    def names(self) -> set[str]:
+        """The names its templates use."""
+        return {name for part in self.parts if isinstance(part, str)
+                for _, name, _, _ in string.Formatter().parse(part) if name}  # fmt: skip
+
+
+def on(error: type[GatewayError], *parts: str | int, status: int | None = None,
+       headers: tuple[tuple[str, str], ...] = (), **when: object) -> Rule:  # fmt: skip
+    """``on(Invalid, "Missing {field}", reason="missing")``: a :class:`Rule`, its conditions as keywords."""
+    return Rule(error, parts, tuple(when.items()), status, headers)
+
+
+def render(rules: Iterable[Rule], error: GatewayError,
+           envelope: Callable[[int, tuple[str | int, ...]], web.Response]) -> web.Response:  # fmt: skip
+    """The answer of the first rule ``error`` matches, in ``envelope``'s shape, with the headers HTTP asks of
+    its kind: ``Retry-After`` (429), ``Allow`` (405), and a closed connection after a body that stopped
+    arriving (408: it may never end)."""
+    rule = next(rule for rule in rules if rule.matches(error))
+    values = {**CONSTANTS, **{k: ", ".join(v) if isinstance(v, tuple) else v for k, v in vars(error).items()}}
+    parts = tuple(part.format_map(values) if isinstance(part, str) else part for part in rule.parts)
+    response = envelope(rule.status or error.status, parts)
+    response.headers.extend(rule.headers)
+    if isinstance(error, RateLimited):
+        response.headers["Retry-After"] = str(error.retry_after)
+    elif isinstance(error, MethodNotAllowed):
+        response.headers["Allow"] = ", ".join(error.allowed)
+    elif isinstance(error, RequestTimeout):
+        response.force_close()
+    return response
+
+
 class Dialect(ABC):
     """A vendor's API style: its endpoints and carriers (data, read by the runtime, the OpenAPI check and the
     nginx generator alike), how a mint request becomes a command, and how results and errors look."""
@@ -110,6 +167,9 @@ class Dialect(ABC):
     name: ClassVar[str]
     endpoints: ClassVar[tuple[Endpoint, ...]]
     carriers: ClassVar[tuple[Carrier, ...]]
+    # The error table, first match wins: a rule with no conditions for every GatewayError class (a test reads
+    # it), and last the answer to anything unexpected, a rule for GatewayError itself.
+    errors: ClassVar[tuple[Rule, ...]]
 
     def match(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]] | None:
         for endpoint in self.endpoints:
@@ -132,8 +192,12 @@ class Dialect(ABC):
         """The vendor's success answer for a minted grant."""
 
     @abstractmethod
+    def envelope(self, status: int, parts: tuple[str | int, ...]) -> web.Response:
+        """The vendor's error shape around the ``parts`` of an answer of :attr:`errors`."""
+
     def render_error(self, error: GatewayError) -> web.Response:
-        """The vendor's answer for ``error`` (a bare GatewayError is an unexpected failure)."""
+        """The vendor's answer for ``error`` (a bare GatewayError is an unexpected failure), by :attr:`errors`."""
+        return render(self.errors, error, self.envelope)
 
     def info(self, req: HttpRequest, app: AppConfig, public_url: str) -> web.Response:
         raise NotImplementedError
@@ -156,30 +220,16 @@ class Dialect(ABC):
         return f"{public_url}{app.mount}/?{urlencode([*pairs, (carrier.name, result.token)])}"
 
     def error_response(self, error: GatewayError) -> web.Response:
-        """``render_error``, closing the connection after a body that stopped arriving (it may never end)."""
-        response = self.render_error(error)
-        if isinstance(error, RequestTimeout):
-            response.force_close()
-        elif isinstance(error, MethodNotAllowed):
-            response.headers["Allow"] = ", ".join(error.allowed)
-        return response
+        """:meth:`render_error` (the name the request flows use)."""
+        return self.render_error(error)
 
 
-def json_response(
-    data: Any, status: int = 200, content_type: str = "application/json", error: Any = None
-) -> web.Response:
-    """A JSON answer; a RateLimited ``error`` adds ``Retry-After``."""
-    return with_retry_after(web.Response(body=orjson.dumps(data), status=status, content_type=content_type), error)
+def json_response(data: Any, status: int = 200, content_type: str = "application/json") -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type=content_type)
 
 
-def text_response(text: str, status: int = 200, error: Any = None) -> web.Response:
-    return with_retry_after(web.Response(text=text, status=status, content_type="text/plain", charset="utf-8"), error)
-
-
-def with_retry_after(response: web.Response, error: Any) -> web.Response:
-    if isinstance(error, RateLimited):
-        response.headers["Retry-After"] = str(error.retry_after)
-    return response
+def text_response(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/plain", charset="utf-8")
 
 
 def load_json_object(body: bytes) -> dict[str, Any] | None:

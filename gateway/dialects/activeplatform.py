@@ -11,7 +11,7 @@ import re
 from aiohttp import web
 
 from ..config import AppConfig
-from ..core import REASON_HEADER, REASON_MAX, ImpersonationCommand, MintResult, SubjectRef
+from ..core import ImpersonationCommand, MintResult, SubjectRef
 from ..errors import (
     Forbidden,
     GatewayError,
@@ -27,7 +27,7 @@ from ..errors import (
     UnsupportedEncoding,
     UpstreamUnavailable,
 )
-from . import Carrier, Dialect, Endpoint, HttpRequest, Where, json_response
+from . import Carrier, Dialect, Endpoint, HttpRequest, Where, json_response, on
 
 MEDIA_TYPE = "application/vnd.api+json"
 _NUMBER = re.compile(r"[0-9]{1,18}")
@@ -70,65 +70,40 @@ class ActivePlatform(Dialect):
             {"owner_email": result.subject.email, "owner_token": result.token}, content_type=MEDIA_TYPE
         )
 
-    def render_error(self, error: GatewayError) -> web.Response:
-        code, title, detail = _describe(error)
-        body = {"errors": [{"status": str(error.status), "code": code, "title": title, "detail": detail}]}
-        return json_response(body, status=error.status, content_type=MEDIA_TYPE, error=error)
+    # code, title and detail of each error's JSON:API object
+    errors = (
+        on(Unauthenticated, "unauthorized", "Unauthorized", "The X-Api-Token header is missing.", reason="missing"),
+        on(Unauthenticated, "unauthorized", "Unauthorized", "The API token is not valid."),
+        on(Forbidden, "forbidden", "Forbidden", "The manager's role does not allow this method.", reason="role"),
+        on(Forbidden, "forbidden", "Forbidden",
+           "The reseller is not the manager's reseller or one of its downstream resellers."),
+        on(NotFound, "not_found", "Not Found", "Reseller not found.", what="reseller"),
+        on(NotFound, "not_found", "Not Found", "Account not found."),
+        on(Invalid, "invalid_parameter", "Bad Request", "The {reason_header} header is required.",
+           field="reason", reason="missing"),
+        on(Invalid, "invalid_parameter", "Bad Request",
+           "The {reason_header} header must be {reason_max} printable characters at most.", field="reason"),
+        on(Invalid, "invalid_parameter", "Bad Request", "The {field} parameter is required.", reason="missing"),
+        on(Invalid, "invalid_parameter", "Bad Request", "The {field} parameter must be a number."),
+        on(GrantRefused, "unauthorized", "Unauthorized", "The login token is invalid or has expired."),
+        on(MethodNotAllowed, "method_not_allowed", "Method Not Allowed", "This endpoint accepts {allowed} only."),
+        on(PayloadTooLarge, "payload_too_large", "Payload Too Large", "The request body exceeds {limit} bytes."),
+        on(UnsupportedEncoding, "unsupported_media_type", "Unsupported Media Type",
+           "The request body's Content-Encoding ({encoding}) cannot be decoded."),
+        on(RequestTimeout, "request_timeout", "Request Timeout", "The request body did not arrive in time."),
+        on(RateLimited, "too_many_requests", "Too Many Requests",
+           "Too many failed attempts; retry in {retry_after} s."),
+        on(StoreUnavailable, "service_unavailable", "Service Unavailable", "The service is temporarily unavailable."),
+        on(UpstreamUnavailable, "gateway_timeout", "Gateway Timeout",
+           "The application did not accept a connection in time.", timeout=True),
+        on(UpstreamUnavailable, "bad_gateway", "Bad Gateway", "The application cannot be reached."),
+        on(GatewayError, "internal_error", "Internal Server Error", "An unexpected error occurred."),
+    )  # fmt: skip
 
-
-def _describe(error: GatewayError) -> tuple[str, str, str]:
-    match error:
-        case Unauthenticated(reason="missing"):
-            return "unauthorized", "Unauthorized", "The X-Api-Token header is missing."
-        case Unauthenticated():
-            return "unauthorized", "Unauthorized", "The API token is not valid."
-        case Forbidden(reason="role"):
-            return "forbidden", "Forbidden", "The manager's role does not allow this method."
-        case Forbidden():
-            return (
-                "forbidden",
-                "Forbidden",
-                "The reseller is not the manager's reseller or one of its downstream resellers.",
-            )
-        case NotFound(what="reseller"):
-            return "not_found", "Not Found", "Reseller not found."
-        case NotFound():
-            return "not_found", "Not Found", "Account not found."
-        case Invalid(field="reason", reason="missing"):
-            return "invalid_parameter", "Bad Request", f"The {REASON_HEADER} header is required."
-        case Invalid(field="reason"):
-            return (
-                "invalid_parameter",
-                "Bad Request",
-                f"The {REASON_HEADER} header must be {REASON_MAX} printable characters at most.",
-            )
-        case Invalid(field=field, reason="missing"):
-            return "invalid_parameter", "Bad Request", f"The {field} parameter is required."
-        case Invalid(field=field):
-            return "invalid_parameter", "Bad Request", f"The {field} parameter must be a number."
-        case GrantRefused():
-            return "unauthorized", "Unauthorized", "The login token is invalid or has expired."
-        case MethodNotAllowed(allowed=allowed):
-            return "method_not_allowed", "Method Not Allowed", f"This endpoint accepts {', '.join(allowed)} only."
-        case PayloadTooLarge(limit=limit):
-            return "payload_too_large", "Payload Too Large", f"The request body exceeds {limit} bytes."
-        case UnsupportedEncoding(encoding=encoding):
-            return (
-                "unsupported_media_type",
-                "Unsupported Media Type",
-                f"The request body's Content-Encoding ({encoding}) cannot be decoded.",
-            )
-        case RequestTimeout():
-            return "request_timeout", "Request Timeout", "The request body did not arrive in time."
-        case RateLimited(retry_after=seconds):
-            return "too_many_requests", "Too Many Requests", f"Too many failed attempts; retry in {seconds} s."
-        case StoreUnavailable():
-            return "service_unavailable", "Service Unavailable", "The service is temporarily unavailable."
-        case UpstreamUnavailable(timeout=True):
-            return "gateway_timeout", "Gateway Timeout", "The application did not accept a connection in time."
-        case UpstreamUnavailable():
-            return "bad_gateway", "Bad Gateway", "The application cannot be reached."
-    return "internal_error", "Internal Server Error", "An unexpected error occurred."
+    def envelope(self, status: int, parts: tuple[str | int, ...]) -> web.Response:
+        code, title, detail = parts
+        body = {"errors": [{"status": str(status), "code": code, "title": title, "detail": detail}]}
+        return json_response(body, status=status, content_type=MEDIA_TYPE)
 
 
 dialect = ActivePlatform()

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from ..config import AppConfig
-from ..core import ImpersonationCommand, MintResult, SubjectRef
+from ..core import REASON_HEADER, REASON_MAX, ImpersonationCommand, MintResult, SubjectRef
 from ..errors import (
     Forbidden,
     GatewayError,
@@ -33,7 +33,7 @@ from ..errors import (
     UnsupportedEncoding,
     UpstreamUnavailable,
 )
-from . import Carrier, Dialect, Endpoint, HttpRequest, Where, bearer, json_response
+from . import Carrier, Dialect, Endpoint, HttpRequest, Rule, Where, bearer, json_response, on
 
 _IDENTIFIER = re.compile(r"[A-Za-z0-9]{36,255}")
 LOGIN_WITH_TOKEN = Endpoint("POST", "/api/v2/user/login-with-token", kind="redeem")
@@ -101,13 +101,20 @@ CATALOGUE: dict[str, Entry] = {
         "Send the body without a Content-Encoding, or with gzip or deflate.",
     ),
     "ER923": Entry(408, "Request body not received in time.", "Send the whole request body without pausing."),
-    "ER924": Entry(400, "Impersonation reason not found.", "Say why in the X-Impersonation-Reason header."),
+    "ER924": Entry(400, "Impersonation reason not found.", f"Say why in the {REASON_HEADER} header."),
     "ER925": Entry(
-        400, "Impersonation reason is invalid.", "Send one X-Impersonation-Reason of 200 printable characters at most."
+        400,
+        "Impersonation reason is invalid.",
+        f"Send one {REASON_HEADER} of {REASON_MAX} printable characters at most.",
     ),
     "ER928": Entry(405, "Method not allowed.", "Use the method the Allow header names."),
     "ER999": Entry(500, "A general error has occurred. Please contact our support team.", "Contact our support team."),
 }
+
+
+def answer(code: str, error: type[GatewayError], **when: object) -> Rule:
+    """A rule answering ``code`` with its catalogue status."""
+    return Rule(error, (code,), tuple(when.items()), CATALOGUE[code].status)
 
 
 class BtcDirect(Dialect):
@@ -143,16 +150,45 @@ class BtcDirect(Dialect):
         expiry = datetime.fromtimestamp(result.grant.expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return json_response({"uuid": result.subject.uuid, "token": result.token, "expiryDate": expiry})
 
-    def render_error(self, error: GatewayError) -> web.Response:
-        code = _code(error)
-        entry = CATALOGUE[code]
-        # A refused redemption is 401 in every dialect (one answer, no oracle); a store outage is 503, an
-        # unreachable app 502 or 504 (ER999, the seed's general error).
-        status = (
-            error.status if isinstance(error, StoreUnavailable | GrantRefused | UpstreamUnavailable) else entry.status
-        )
-        body = {"errors": {code: {"code": code, "message": entry.message, "solution": entry.solution}}}
-        return json_response(body, status=status, error=error)
+    # the catalogue code of each error
+    errors = (
+        answer("ER803", Unauthenticated, reason="ambiguous"),
+        answer("ER806", Unauthenticated, reason="missing", credential="api_key"),
+        answer("ER802", Unauthenticated, reason="missing"),
+        answer("ER805", Unauthenticated, credential="api_key"),
+        answer("ER800", Unauthenticated),
+        # A known credential whose role may not mint (or whose scope excludes the user): the seed has no
+        # "forbidden" code, and to BTC Direct such a credential is simply not a valid partner token.
+        answer("ER800", Forbidden),
+        answer("ER924", Invalid, field="reason", reason="missing"),
+        answer("ER925", Invalid, field="reason"),
+        answer("ER703", Invalid, field="identifier", reason="mismatch"),
+        answer("ER707", Invalid, field="user_identifier"),
+        answer("ER700", Invalid, field="user_authorization", reason="missing"),
+        answer("ER702", Invalid, field="user_authorization"),
+        answer("ER704", Invalid),  # core's Invalid("subject", "missing"): neither user header was sent
+        answer("ER705", NotFound, by="identifier"),
+        answer("ER702", NotFound, by="token"),
+        answer("ER709", NotFound),
+        # The login token (and its uuid) is a one-time user token: one answer for unknown, expired, used,
+        # mismatched or revoked, so nothing tells which. A refused redemption is 401 in every dialect (no oracle).
+        on(GrantRefused, "ER702"),
+        answer("ER928", MethodNotAllowed),
+        answer("ER921", PayloadTooLarge),
+        answer("ER922", UnsupportedEncoding),
+        answer("ER923", RequestTimeout),
+        answer("ER920", RateLimited),
+        # The seed's general error: a store outage is 503, an unreachable app 502 or 504, anything unexpected 500.
+        on(StoreUnavailable, "ER999"),
+        on(UpstreamUnavailable, "ER999"),
+        answer("ER999", GatewayError),
+    )
+
+    def envelope(self, status: int, parts: tuple[str | int, ...]) -> web.Response:
+        (code,) = parts
+        entry = CATALOGUE[str(code)]
+        return json_response({"errors": {code: {"code": code, "message": entry.message, "solution": entry.solution}}},
+                             status=status)  # fmt: skip
 
     def info(self, req: HttpRequest, app: AppConfig, public_url: str) -> web.Response:
         return json_response({"privateUrls": {page: f"{public_url}/{page}" for page in PRIVATE_PAGES}})
@@ -186,59 +222,6 @@ def _user_token(req: HttpRequest) -> str | None:
     if len(values) == 1 and values[0].strip().lower() in ("", "bearer"):
         raise Invalid("user_authorization", "missing")
     raise Invalid("user_authorization", "value")
-
-
-def _code(error: GatewayError) -> str:
-    match error:
-        case Unauthenticated(reason="ambiguous"):
-            return "ER803"
-        case Unauthenticated(reason="missing", credential="api_key"):
-            return "ER806"
-        case Unauthenticated(reason="missing"):
-            return "ER802"
-        case Unauthenticated(credential="api_key"):
-            return "ER805"
-        case Unauthenticated():
-            return "ER800"
-        case Forbidden():
-            # A known credential whose role may not mint (or whose scope excludes the user): the seed has no
-            # "forbidden" code, and to BTC Direct such a credential is simply not a valid partner token.
-            return "ER800"
-        case Invalid(field="reason", reason="missing"):
-            return "ER924"
-        case Invalid(field="reason"):
-            return "ER925"
-        case Invalid(field="identifier", reason="mismatch"):
-            return "ER703"
-        case Invalid(field="user_identifier"):
-            return "ER707"
-        case Invalid(field="user_authorization", reason="missing"):
-            return "ER700"
-        case Invalid(field="user_authorization"):
-            return "ER702"
-        case Invalid():
-            return "ER704"  # core's Invalid("subject", "missing"): neither user header was sent
-        case NotFound(by="identifier"):
-            return "ER705"
-        case NotFound(by="token"):
-            return "ER702"
-        case NotFound():
-            return "ER709"
-        case GrantRefused():
-            # The login token (and its uuid) is a one-time user token: one answer for unknown, expired, used,
-            # mismatched or revoked, so nothing tells which.
-            return "ER702"
-        case MethodNotAllowed():
-            return "ER928"
-        case PayloadTooLarge():
-            return "ER921"
-        case UnsupportedEncoding():
-            return "ER922"
-        case RequestTimeout():
-            return "ER923"
-        case RateLimited():
-            return "ER920"
-    return "ER999"  # StoreUnavailable (503), UpstreamUnavailable (502, 504) and anything unexpected (500)
 
 
 dialect = BtcDirect()

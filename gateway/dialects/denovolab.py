@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from ..config import AppConfig
-from ..core import REASON_HEADER, ImpersonationCommand, MintResult, SubjectRef
+from ..core import ImpersonationCommand, MintResult, SubjectRef
 from ..directory import Subject
 from ..errors import (
     Forbidden,
@@ -38,23 +38,12 @@ from ..errors import (
     UnsupportedEncoding,
     UpstreamUnavailable,
 )
-from . import Carrier, Dialect, Endpoint, HttpRequest, Where, json_response
+from . import Carrier, Dialect, Endpoint, HttpRequest, Where, json_response, on
 
 HEADER = "X-Auth-Token"
 CDR_SCOPE = "cdr_api"
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _MAX_ID = 2**63 - 1  # a bigint column: anything larger cannot name a client
-
-# Validation messages as marshmallow words them, by Invalid.reason.
-_FIELDS = {"reason": REASON_HEADER}  # fields that are headers here, under the header's name
-_MESSAGES = {
-    "missing": "Missing data for required field.",
-    "null": "Field may not be null.",
-    "type": "Not a valid integer.",
-    "too_large": "Number too large.",
-    "malformed": "Invalid JSON body.",
-    "not_object": "Invalid input type.",
-}
 
 
 class Denovolab(Dialect):
@@ -88,24 +77,52 @@ class Denovolab(Dialect):
         }
         return json_response({"success": True, "payload": payload, "token": result.token, "cdr_api_token": cdr_token})
 
-    def render_error(self, error: GatewayError) -> web.Response:
-        match error:
-            case Invalid(field=field, reason=reason):
-                body: dict[str, Any] = {
-                    "error_type": "validation_error",
-                    "success": False,
-                    "errors": [{_FIELDS.get(field, field): [_MESSAGES.get(reason, "Invalid value.")]}],
-                }
-            case NotFound():
-                body = {"error_type": "Object not found error", "success": False}
-            case _:
-                error_type, message, code, reason = _describe(error)
-                body = {
-                    "error_type": error_type,
-                    "success": False,
-                    "error": {"message": message, "code": code, "reason": reason},
-                }
-        return json_response(body, status=error.status, error=error)
+    # error_type, then: field and message (marshmallow's words) of a validation error; nothing (not found); or
+    # message, code and reason of the portal's "error" object
+    errors = (
+        on(Invalid, "validation_error", "{reason_header}", "Missing data for required field.",
+           field="reason", reason="missing"),
+        on(Invalid, "validation_error", "{reason_header}", "Invalid value.", field="reason"),
+        on(Invalid, "validation_error", "{field}", "Missing data for required field.", reason="missing"),
+        on(Invalid, "validation_error", "{field}", "Field may not be null.", reason="null"),
+        on(Invalid, "validation_error", "{field}", "Not a valid integer.", reason="type"),
+        on(Invalid, "validation_error", "{field}", "Number too large.", reason="too_large"),
+        on(Invalid, "validation_error", "{field}", "Invalid JSON body.", reason="malformed"),
+        on(Invalid, "validation_error", "{field}", "Invalid input type.", reason="not_object"),
+        on(Invalid, "validation_error", "{field}", "Invalid value."),
+        on(NotFound, "Object not found error"),
+        on(Unauthenticated, "unauthenticated_error", f"No header {HEADER} present", 110, "auth_token_not_provided",
+           reason="missing"),
+        on(Unauthenticated, "unauthenticated_error", f"Invalid {HEADER}", 111, "auth_token_invalid"),
+        on(GrantRefused, "unauthenticated_error", "The login token is invalid or has expired", 112,
+           "login_token_invalid"),
+        on(Forbidden, "forbidden_error", "You are not allowed to log in as this client", 120, "permission_denied"),
+        on(MethodNotAllowed, "method_not_allowed_error", "Method not allowed; use {allowed}", 133,
+           "method_not_allowed"),
+        on(PayloadTooLarge, "payload_too_large_error", "Request body exceeds {limit} bytes", 130, "payload_too_large"),
+        on(UnsupportedEncoding, "unsupported_media_type_error",
+           "Cannot decode a request body with Content-Encoding {encoding}", 131, "unsupported_content_encoding"),
+        on(RequestTimeout, "request_timeout_error", "Request body not received in time", 132, "request_timeout"),
+        on(RateLimited, "rate_limit_error", "Too many failed attempts; retry in {retry_after} s", 140,
+           "too_many_requests"),
+        on(StoreUnavailable, "service_unavailable_error", "Service temporarily unavailable", 150,
+           "service_unavailable"),
+        on(UpstreamUnavailable, "gateway_timeout_error", "The application did not answer in time", 152,
+           "upstream_timeout", timeout=True),
+        on(UpstreamUnavailable, "bad_gateway_error", "The application cannot be reached", 151, "upstream_unavailable"),
+        on(GatewayError, "internal_server_error", "Internal server error", 100, "internal_error"),
+    )  # fmt: skip
+
+    def envelope(self, status: int, parts: tuple[str | int, ...]) -> web.Response:
+        error_type, *detail = parts
+        body: dict[str, Any] = {"error_type": error_type, "success": False}
+        if error_type == "validation_error":
+            field, message = detail
+            body["errors"] = [{field: [message]}]
+        elif detail:
+            message, code, reason = detail
+            body["error"] = {"message": message, "code": code, "reason": reason}
+        return json_response(body, status=status)
 
 
 def _client_id(body: bytes) -> str:
@@ -148,46 +165,6 @@ def _user(subject: Subject) -> dict[str, Any]:
         "fullname": public.pop("fullname", name),
     }
     return {**user, **{k: v for k, v in public.items() if k not in user}}
-
-
-def _describe(error: GatewayError) -> tuple[str, str, int, str]:
-    """error_type, message, code and reason of the portal's ``error`` envelope."""
-    match error:
-        case Unauthenticated(reason="missing"):
-            return "unauthenticated_error", f"No header {HEADER} present", 110, "auth_token_not_provided"
-        case Unauthenticated():
-            return "unauthenticated_error", f"Invalid {HEADER}", 111, "auth_token_invalid"
-        case GrantRefused():
-            return "unauthenticated_error", "The login token is invalid or has expired", 112, "login_token_invalid"
-        case Forbidden():
-            return "forbidden_error", "You are not allowed to log in as this client", 120, "permission_denied"
-        case MethodNotAllowed(allowed=allowed):
-            return (
-                "method_not_allowed_error",
-                f"Method not allowed; use {', '.join(allowed)}",
-                133,
-                "method_not_allowed",
-            )
-        case PayloadTooLarge(limit=limit):
-            return "payload_too_large_error", f"Request body exceeds {limit} bytes", 130, "payload_too_large"
-        case UnsupportedEncoding(encoding=encoding):
-            return (
-                "unsupported_media_type_error",
-                f"Cannot decode a request body with Content-Encoding {encoding}",
-                131,
-                "unsupported_content_encoding",
-            )
-        case RequestTimeout():
-            return "request_timeout_error", "Request body not received in time", 132, "request_timeout"
-        case RateLimited(retry_after=seconds):
-            return "rate_limit_error", f"Too many failed attempts; retry in {seconds} s", 140, "too_many_requests"
-        case StoreUnavailable():
-            return "service_unavailable_error", "Service temporarily unavailable", 150, "service_unavailable"
-        case UpstreamUnavailable(timeout=True):
-            return "gateway_timeout_error", "The application did not answer in time", 152, "upstream_timeout"
-        case UpstreamUnavailable():
-            return "bad_gateway_error", "The application cannot be reached", 151, "upstream_unavailable"
-    return "internal_server_error", "Internal server error", 100, "internal_error"
 
 
 dialect = Denovolab()

@@ -16,15 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import AppConfig
-from ..core import (
-    CUSTOM_DATA_MAX,
-    REASON_HEADER,
-    REASON_MAX,
-    ImpersonationCommand,
-    MintResult,
-    SubjectRef,
-    check_custom_data,
-)
+from ..core import ImpersonationCommand, MintResult, SubjectRef, check_custom_data
 from ..errors import (
     Forbidden,
     GatewayError,
@@ -40,7 +32,7 @@ from ..errors import (
     UnsupportedEncoding,
     UpstreamUnavailable,
 )
-from . import Carrier, Dialect, Endpoint, HttpRequest, Where, load_json_object, text_response
+from . import Carrier, Dialect, Endpoint, HttpRequest, Where, load_json_object, on, text_response
 
 IDENTITY_LIMIT = 512  # characters: longer than any user name, UPN or DOMAIN\user
 DOMAIN_LIMIT = 255
@@ -98,9 +90,39 @@ class Pyramid(Dialect):
         response.headers["Cache-Control"] = "no-store"
         return response
 
-    def render_error(self, error: GatewayError) -> web.Response:
-        status, reason = _describe(error)
-        return text_response(reason, status=status, error=error)
+    # the text of each error's answer
+    errors = (
+        on(Invalid, "Request body is empty", field="body", reason="missing"),
+        on(Invalid, "Request body is not a JSON object", field="body"),
+        on(Invalid, "domain does not match the domain in userIdentity", field="domain", reason="mismatch"),
+        on(Invalid, "userIdentity matches more than one user; give the domain", field="identity", reason="ambiguous"),
+        on(Invalid, "Missing {reason_header} header", field="reason", reason="missing"),
+        on(Invalid, "{reason_header} must be {reason_max} printable characters at most", field="reason"),
+        on(Invalid, "Missing {field}", reason="missing"),
+        on(Invalid, "data must be an object", field="data", reason="type"),
+        on(Invalid, "{field} must be a string", reason="type"),
+        on(Invalid, "{field} must be {custom_data_max} bytes at most", reason="too_large"),
+        on(Invalid, "Invalid {field}"),
+        on(NotFound, "Unknown user", status=400),
+        on(Unauthenticated, "Missing admin token", reason="missing"),
+        on(Unauthenticated, "Invalid admin token"),
+        on(Forbidden, "Not allowed: this admin cannot log in as users", reason="role"),
+        on(Forbidden, "Not allowed: the user is outside this admin's domain"),
+        on(GrantRefused, "Invalid or expired token"),
+        on(MethodNotAllowed, "Method not allowed; use {allowed}"),
+        on(PayloadTooLarge, "Request body is larger than {limit} bytes"),
+        on(UnsupportedEncoding, "Cannot decode a request body with Content-Encoding {encoding}"),
+        on(RequestTimeout, "Request body not received in time"),
+        on(RateLimited, "Too many failed attempts; retry in {retry_after} s"),
+        on(StoreUnavailable, "Service unavailable"),
+        on(UpstreamUnavailable, "Application did not answer in time", timeout=True),
+        on(UpstreamUnavailable, "Application unavailable"),
+        on(GatewayError, "Internal server error", status=500),
+    )
+
+    def envelope(self, status: int, parts: tuple[str | int, ...]) -> web.Response:
+        (text,) = parts
+        return text_response(str(text), status=status)
 
 
 def _optional_string(body: dict[str, Any], field: str) -> str | None:
@@ -129,61 +151,6 @@ def _split_identity(identity: str, domain: str | None) -> tuple[str, str | None]
     if short != full and short != full.split(".", 1)[0]:
         raise Invalid("domain", "mismatch")
     return user, full
-
-
-def _describe(error: GatewayError) -> tuple[int, str]:
-    match error:
-        case Invalid(field="body", reason="missing"):
-            return 400, "Request body is empty"
-        case Invalid(field="body"):
-            return 400, "Request body is not a JSON object"
-        case Invalid(field="domain", reason="mismatch"):
-            return 400, "domain does not match the domain in userIdentity"
-        case Invalid(field="identity", reason="ambiguous"):
-            return 400, "userIdentity matches more than one user; give the domain"
-        case Invalid(field="reason", reason="missing"):
-            return 400, f"Missing {REASON_HEADER} header"
-        case Invalid(field="reason"):
-            return 400, f"{REASON_HEADER} must be {REASON_MAX} printable characters at most"
-        case Invalid(field=field, reason="missing"):
-            return 400, f"Missing {field}"
-        case Invalid(field="data", reason="type"):
-            return 400, "data must be an object"
-        case Invalid(field=field, reason="type"):
-            return 400, f"{field} must be a string"
-        case Invalid(field=field, reason="too_large"):
-            return 400, f"{field} must be {CUSTOM_DATA_MAX} bytes at most"
-        case Invalid(field=field):
-            return 400, f"Invalid {field}"
-        case NotFound():
-            return 400, "Unknown user"
-        case Unauthenticated(reason="missing"):
-            return 401, "Missing admin token"
-        case Unauthenticated():
-            return 401, "Invalid admin token"
-        case Forbidden(reason="role"):
-            return 403, "Not allowed: this admin cannot log in as users"
-        case Forbidden():
-            return 403, "Not allowed: the user is outside this admin's domain"
-        case GrantRefused():
-            return 401, "Invalid or expired token"
-        case MethodNotAllowed(allowed=allowed):
-            return 405, f"Method not allowed; use {', '.join(allowed)}"
-        case PayloadTooLarge(limit=limit):
-            return 413, f"Request body is larger than {limit} bytes"
-        case UnsupportedEncoding(encoding=encoding):
-            return 415, f"Cannot decode a request body with Content-Encoding {encoding}"
-        case RequestTimeout():
-            return 408, "Request body not received in time"
-        case RateLimited(retry_after=seconds):
-            return 429, f"Too many failed attempts; retry in {seconds} s"
-        case StoreUnavailable():
-            return 503, "Service unavailable"
-        case UpstreamUnavailable(timeout=True):
-            return 504, "Application did not answer in time"
-        case UpstreamUnavailable():
-            return 502, "Application unavailable"
-    return 500, "Internal server error"
 
 
 dialect = Pyramid()

@@ -1,14 +1,18 @@
 """Every error of the hierarchy, in every dialect: none falls through to the dialect's generic 500.
 
 A new error class that a dialect does not know would otherwise reach a client as "Internal Server Error";
-this test lists every subclass of GatewayError and fails until each dialect renders it.
+these tests read every error table (each dialect's and the native API's) and fail until each has a rule for
+every subclass of GatewayError, and render every error in every dialect.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
-from gateway.dialects import Dialect, all_dialects
+from gateway import native
+from gateway.dialects import CONSTANTS, Dialect, Rule, all_dialects
 from gateway.errors import (
     Forbidden,
     GatewayError,
@@ -18,6 +22,7 @@ from gateway.errors import (
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    Refusal,
     RequestTimeout,
     StoreUnavailable,
     Unauthenticated,
@@ -25,12 +30,14 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 
+TABLES: dict[str, tuple[Rule, ...]] = {**{d.name: d.errors for d in all_dialects().values()}, "native": native.ERRORS}
+
 ERRORS: list[GatewayError] = [
     Invalid("client_id", "missing"),
     Unauthenticated("missing"),
     Forbidden("role"),
     NotFound("subject"),
-    GrantRefused("unknown"),
+    GrantRefused(Refusal.UNKNOWN),
     MethodNotAllowed(("GET",)),
     RequestTimeout(30.0),
     PayloadTooLarge(65536),
@@ -47,6 +54,44 @@ def _subclasses(cls: type[GatewayError]) -> set[type[GatewayError]]:
 
 def test_the_list_holds_every_error_class() -> None:
     assert {type(e) for e in ERRORS} == _subclasses(GatewayError)
+
+
+def test_every_error_class_has_its_own_stable_code() -> None:
+    classes = [GatewayError, *_subclasses(GatewayError)]
+    codes = [vars(cls).get("code") for cls in classes]
+    assert all(codes) and len(set(codes)) == len(classes), codes
+
+
+@pytest.mark.parametrize("table", TABLES)
+@pytest.mark.parametrize("error", sorted(_subclasses(GatewayError), key=lambda c: c.code), ids=lambda c: c.code)
+def test_every_table_answers_every_error_class(table: str, error: type[GatewayError]) -> None:
+    rules = [rule for rule in TABLES[table] if rule.error is error]
+    assert rules, f"{table} has no rule for {error.__name__}"
+    assert not rules[-1].when, f"{table}: some {error.__name__} would get the generic 500"
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_a_table_ends_with_its_answer_to_the_unexpected(table: str) -> None:
+    *rules, last = TABLES[table]
+    assert (last.error, last.when) == (GatewayError, ())
+    assert GatewayError not in {rule.error for rule in rules}
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_no_rule_is_hidden_by_an_earlier_one(table: str) -> None:
+    rules = TABLES[table]
+    for i, rule in enumerate(rules):
+        for earlier in rules[:i]:
+            hidden = issubclass(rule.error, earlier.error) and set(earlier.when) <= set(rule.when)
+            assert not hidden, f"{table}: {rule} never applies after {earlier}"
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_conditions_and_templates_name_only_the_errors_fields(table: str) -> None:
+    for rule in TABLES[table]:
+        fields = set(inspect.signature(rule.error.__init__).parameters) - {"self"}
+        assert {name for name, _ in rule.when} <= fields, rule
+        assert rule.names() <= fields | set(CONSTANTS), rule
 
 
 @pytest.mark.parametrize("dialect", all_dialects().values(), ids=lambda d: d.name)
