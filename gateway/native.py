@@ -20,21 +20,7 @@ from . import body as bodies
 from .config import AppConfig, Config
 from .core import Gateway, ImpersonationCommand, SubjectRef, check_custom_data, parse_reason
 from .dialects import Dialect, bearer, load_json_object, on, render
-from .errors import (
-    Forbidden,
-    GatewayError,
-    GrantRefused,
-    Invalid,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-    RateLimited,
-    RequestTimeout,
-    StoreUnavailable,
-    Unauthenticated,
-    UnsupportedEncoding,
-    UpstreamUnavailable,
-)
+from .errors import GatewayError, Invalid
 from .logging import bind_request, unexpected
 
 log = structlog.get_logger("gateway")
@@ -53,36 +39,36 @@ def problem(status: int, kind: str, title: str, detail: str, **headers: str) -> 
 
 # kind (the end of its type URI), title and detail of each error's problem details
 ERRORS = (
-    on(Invalid, "invalid-request", "Invalid request", "{field}: not a field of this request", reason="unknown"),
-    on(Invalid, "invalid-request", "Invalid request", "the body must be a JSON object", field="body"),
-    on(Invalid, "reason-required", "Reason required", "this app requires a reason", field="reason", reason="missing"),
-    on(Invalid, "invalid-request", "Invalid request", "reason: at most {reason_max} printable characters",
+    on("invalid", "invalid-request", "Invalid request", "{field}: not a field of this request", reason="unknown"),
+    on("invalid", "invalid-request", "Invalid request", "the body must be a JSON object", field="body"),
+    on("invalid", "reason-required", "Reason required", "this app requires a reason", field="reason", reason="missing"),
+    on("invalid", "invalid-request", "Invalid request", "reason: at most {reason_max} printable characters",
        field="reason"),
-    on(Invalid, "invalid-request", "Invalid request",
+    on("invalid", "invalid-request", "Invalid request",
        "ttl_seconds: a whole number of seconds from 1 to the app's grant_ttl_seconds", field="ttl_seconds"),
-    on(Invalid, "invalid-request", "Invalid request", "app: no app of that name", field="app", reason="value"),
-    on(Invalid, "invalid-request", "Invalid request", "{field}: required", reason="missing"),
-    on(Invalid, "invalid-request", "Invalid request", "{field}: at most {custom_data_max} bytes", reason="too_large"),
-    on(Invalid, "invalid-request", "Invalid request", "{field}: not a valid value"),
-    on(Unauthenticated, "unauthenticated", "Unauthenticated", "Authorization: Bearer <credential> is required",
+    on("invalid", "invalid-request", "Invalid request", "app: no app of that name", field="app", reason="value"),
+    on("invalid", "invalid-request", "Invalid request", "{field}: required", reason="missing"),
+    on("invalid", "invalid-request", "Invalid request", "{field}: at most {custom_data_max} bytes", reason="too_large"),
+    on("invalid", "invalid-request", "Invalid request", "{field}: not a valid value"),
+    on("unauthenticated", "unauthenticated", "Unauthenticated", "Authorization: Bearer <credential> is required",
        reason="missing", headers=(("WWW-Authenticate", "Bearer"),)),
-    on(Unauthenticated, "unauthenticated", "Unauthenticated", "the credential is not valid for this app",
+    on("unauthenticated", "unauthenticated", "Unauthenticated", "the credential is not valid for this app",
        headers=(("WWW-Authenticate", 'Bearer error="invalid_token"'),)),
-    on(Forbidden, "forbidden", "Forbidden", "this actor's role may not impersonate in this app", reason="role"),
-    on(Forbidden, "forbidden", "Forbidden", "the subject is outside this actor's reach"),
-    on(NotFound, "not-found", "Not found", "the actor's reseller does not exist", what="reseller"),
-    on(NotFound, "not-found", "Not found", "no active subject has that id", by="id"),
-    on(NotFound, "not-found", "Not found", "the subject has no {by}, which its login link needs"),
-    on(GrantRefused, "grant-refused", "Grant refused", "the grant is unknown, expired or already used"),
-    on(MethodNotAllowed, "method-not-allowed", "Method not allowed", "use {allowed}"),
-    on(RequestTimeout, "request-timeout", "Request timeout", "the request body did not arrive in time"),
-    on(PayloadTooLarge, "payload-too-large", "Payload too large", "the body is over {limit} bytes"),
-    on(UnsupportedEncoding, "unsupported-encoding", "Unsupported encoding",
+    on("forbidden", "forbidden", "Forbidden", "this actor's role may not impersonate in this app", reason="role"),
+    on("forbidden", "forbidden", "Forbidden", "the subject is outside this actor's reach"),
+    on("not_found", "not-found", "Not found", "the actor's reseller does not exist", what="reseller"),
+    on("not_found", "not-found", "Not found", "no active subject has that id", by="id"),
+    on("not_found", "not-found", "Not found", "the subject has no {by}, which its login link needs"),
+    on("grant_refused", "grant-refused", "Grant refused", "the grant is unknown, expired or already used"),
+    on("method_not_allowed", "method-not-allowed", "Method not allowed", "use {allowed}"),
+    on("request_timeout", "request-timeout", "Request timeout", "the request body did not arrive in time"),
+    on("payload_too_large", "payload-too-large", "Payload too large", "the body is over {limit} bytes"),
+    on("unsupported_encoding", "unsupported-encoding", "Unsupported encoding",
        "a body with Content-Encoding {encoding} cannot be decoded"),
-    on(RateLimited, "rate-limited", "Too many requests", "too many failed credentials; retry in {retry_after} s"),
-    on(StoreUnavailable, "unavailable", "Service unavailable", "the store is not answering; retry shortly"),
-    on(UpstreamUnavailable, "upstream-unavailable", "Upstream unavailable", "the application cannot be reached"),
-    on(GatewayError, "internal", "Internal error", "an unexpected error; it is logged", status=500),
+    on("rate_limited", "rate-limited", "Too many requests", "too many failed credentials; retry in {retry_after} s"),
+    on("store_unavailable", "unavailable", "Service unavailable", "the store is not answering; retry shortly"),
+    on("upstream_unavailable", "upstream-unavailable", "Upstream unavailable", "the application cannot be reached"),
+    on("internal", "internal", "Internal error", "an unexpected error; it is logged", status=500),
 )  # fmt: skip
 
 

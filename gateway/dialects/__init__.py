@@ -135,10 +135,21 @@ class Rule:
                 for _, name, _, _ in string.Formatter().parse(part) if name}  # fmt: skip
 
 
-def on(error: type[GatewayError], *parts: str | int, status: int | None = None,
+def error_class(code: str) -> type[GatewayError]:
+    """The class of the GatewayError with stable code ``code`` (KeyError for none)."""
+    classes, found = [GatewayError], {}
+    while classes:
+        cls = classes.pop()
+        found[cls.code] = cls
+        classes += cls.__subclasses__()
+    return found[code]
+
+
+def on(code: str, *parts: str | int, status: int | None = None,
        headers: tuple[tuple[str, str], ...] = (), **when: object) -> Rule:  # fmt: skip
-    """``on(Invalid, "Missing {field}", reason="missing")``: a :class:`Rule`, its conditions as keywords."""
-    return Rule(error, parts, tuple(when.items()), status, headers)
+    """``on("invalid", "Missing {field}", reason="missing")``: a :class:`Rule` for the error of that code, its
+    conditions as keywords."""
+    return Rule(error_class(code), parts, tuple(when.items()), status, headers)
 
 
 def render(rules: Iterable[Rule], error: GatewayError,

@@ -12,21 +12,7 @@ from aiohttp import web
 
 from ..config import AppConfig
 from ..core import ImpersonationCommand, MintResult, SubjectRef
-from ..errors import (
-    Forbidden,
-    GatewayError,
-    GrantRefused,
-    Invalid,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-    RateLimited,
-    RequestTimeout,
-    StoreUnavailable,
-    Unauthenticated,
-    UnsupportedEncoding,
-    UpstreamUnavailable,
-)
+from ..errors import Invalid, NotFound, Unauthenticated
 from . import Carrier, Dialect, Endpoint, HttpRequest, Where, json_response, on
 
 MEDIA_TYPE = "application/vnd.api+json"
@@ -72,32 +58,33 @@ class ActivePlatform(Dialect):
 
     # code, title and detail of each error's JSON:API object
     errors = (
-        on(Unauthenticated, "unauthorized", "Unauthorized", "The X-Api-Token header is missing.", reason="missing"),
-        on(Unauthenticated, "unauthorized", "Unauthorized", "The API token is not valid."),
-        on(Forbidden, "forbidden", "Forbidden", "The manager's role does not allow this method.", reason="role"),
-        on(Forbidden, "forbidden", "Forbidden",
+        on("unauthenticated", "unauthorized", "Unauthorized", "The X-Api-Token header is missing.", reason="missing"),
+        on("unauthenticated", "unauthorized", "Unauthorized", "The API token is not valid."),
+        on("forbidden", "forbidden", "Forbidden", "The manager's role does not allow this method.", reason="role"),
+        on("forbidden", "forbidden", "Forbidden",
            "The reseller is not the manager's reseller or one of its downstream resellers."),
-        on(NotFound, "not_found", "Not Found", "Reseller not found.", what="reseller"),
-        on(NotFound, "not_found", "Not Found", "Account not found."),
-        on(Invalid, "invalid_parameter", "Bad Request", "The {reason_header} header is required.",
+        on("not_found", "not_found", "Not Found", "Reseller not found.", what="reseller"),
+        on("not_found", "not_found", "Not Found", "Account not found."),
+        on("invalid", "invalid_parameter", "Bad Request", "The {reason_header} header is required.",
            field="reason", reason="missing"),
-        on(Invalid, "invalid_parameter", "Bad Request",
+        on("invalid", "invalid_parameter", "Bad Request",
            "The {reason_header} header must be {reason_max} printable characters at most.", field="reason"),
-        on(Invalid, "invalid_parameter", "Bad Request", "The {field} parameter is required.", reason="missing"),
-        on(Invalid, "invalid_parameter", "Bad Request", "The {field} parameter must be a number."),
-        on(GrantRefused, "unauthorized", "Unauthorized", "The login token is invalid or has expired."),
-        on(MethodNotAllowed, "method_not_allowed", "Method Not Allowed", "This endpoint accepts {allowed} only."),
-        on(PayloadTooLarge, "payload_too_large", "Payload Too Large", "The request body exceeds {limit} bytes."),
-        on(UnsupportedEncoding, "unsupported_media_type", "Unsupported Media Type",
+        on("invalid", "invalid_parameter", "Bad Request", "The {field} parameter is required.", reason="missing"),
+        on("invalid", "invalid_parameter", "Bad Request", "The {field} parameter must be a number."),
+        on("grant_refused", "unauthorized", "Unauthorized", "The login token is invalid or has expired."),
+        on("method_not_allowed", "method_not_allowed", "Method Not Allowed", "This endpoint accepts {allowed} only."),
+        on("payload_too_large", "payload_too_large", "Payload Too Large", "The request body exceeds {limit} bytes."),
+        on("unsupported_encoding", "unsupported_media_type", "Unsupported Media Type",
            "The request body's Content-Encoding ({encoding}) cannot be decoded."),
-        on(RequestTimeout, "request_timeout", "Request Timeout", "The request body did not arrive in time."),
-        on(RateLimited, "too_many_requests", "Too Many Requests",
+        on("request_timeout", "request_timeout", "Request Timeout", "The request body did not arrive in time."),
+        on("rate_limited", "too_many_requests", "Too Many Requests",
            "Too many failed attempts; retry in {retry_after} s."),
-        on(StoreUnavailable, "service_unavailable", "Service Unavailable", "The service is temporarily unavailable."),
-        on(UpstreamUnavailable, "gateway_timeout", "Gateway Timeout",
+        on("store_unavailable", "service_unavailable", "Service Unavailable",
+           "The service is temporarily unavailable."),
+        on("upstream_unavailable", "gateway_timeout", "Gateway Timeout",
            "The application did not accept a connection in time.", timeout=True),
-        on(UpstreamUnavailable, "bad_gateway", "Bad Gateway", "The application cannot be reached."),
-        on(GatewayError, "internal_error", "Internal Server Error", "An unexpected error occurred."),
+        on("upstream_unavailable", "bad_gateway", "Bad Gateway", "The application cannot be reached."),
+        on("internal", "internal_error", "Internal Server Error", "An unexpected error occurred."),
     )  # fmt: skip
 
     def envelope(self, status: int, parts: tuple[str | int, ...]) -> web.Response:

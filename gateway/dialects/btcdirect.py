@@ -18,22 +18,8 @@ from aiohttp import web
 
 from ..config import AppConfig
 from ..core import REASON_HEADER, REASON_MAX, ImpersonationCommand, MintResult, SubjectRef
-from ..errors import (
-    Forbidden,
-    GatewayError,
-    GrantRefused,
-    Invalid,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-    RateLimited,
-    RequestTimeout,
-    StoreUnavailable,
-    Unauthenticated,
-    UnsupportedEncoding,
-    UpstreamUnavailable,
-)
-from . import Carrier, Dialect, Endpoint, HttpRequest, Rule, Where, bearer, json_response, on
+from ..errors import Invalid, Unauthenticated
+from . import Carrier, Dialect, Endpoint, HttpRequest, Rule, Where, bearer, error_class, json_response, on
 
 _IDENTIFIER = re.compile(r"[A-Za-z0-9]{36,255}")
 LOGIN_WITH_TOKEN = Endpoint("POST", "/api/v2/user/login-with-token", kind="redeem")
@@ -112,9 +98,9 @@ CATALOGUE: dict[str, Entry] = {
 }
 
 
-def answer(code: str, error: type[GatewayError], **when: object) -> Rule:
-    """A rule answering ``code`` with its catalogue status."""
-    return Rule(error, (code,), tuple(when.items()), CATALOGUE[code].status)
+def answer(code: str, error: str, **when: object) -> Rule:
+    """A rule answering the error of code ``error`` with the catalogue's ``code`` and its status."""
+    return Rule(error_class(error), (code,), tuple(when.items()), CATALOGUE[code].status)
 
 
 class BtcDirect(Dialect):
@@ -152,36 +138,36 @@ class BtcDirect(Dialect):
 
     # the catalogue code of each error
     errors = (
-        answer("ER803", Unauthenticated, reason="ambiguous"),
-        answer("ER806", Unauthenticated, reason="missing", credential="api_key"),
-        answer("ER802", Unauthenticated, reason="missing"),
-        answer("ER805", Unauthenticated, credential="api_key"),
-        answer("ER800", Unauthenticated),
+        answer("ER803", "unauthenticated", reason="ambiguous"),
+        answer("ER806", "unauthenticated", reason="missing", credential="api_key"),
+        answer("ER802", "unauthenticated", reason="missing"),
+        answer("ER805", "unauthenticated", credential="api_key"),
+        answer("ER800", "unauthenticated"),
         # A known credential whose role may not mint (or whose scope excludes the user): the seed has no
         # "forbidden" code, and to BTC Direct such a credential is simply not a valid partner token.
-        answer("ER800", Forbidden),
-        answer("ER924", Invalid, field="reason", reason="missing"),
-        answer("ER925", Invalid, field="reason"),
-        answer("ER703", Invalid, field="identifier", reason="mismatch"),
-        answer("ER707", Invalid, field="user_identifier"),
-        answer("ER700", Invalid, field="user_authorization", reason="missing"),
-        answer("ER702", Invalid, field="user_authorization"),
-        answer("ER704", Invalid),  # core's Invalid("subject", "missing"): neither user header was sent
-        answer("ER705", NotFound, by="identifier"),
-        answer("ER702", NotFound, by="token"),
-        answer("ER709", NotFound),
+        answer("ER800", "forbidden"),
+        answer("ER924", "invalid", field="reason", reason="missing"),
+        answer("ER925", "invalid", field="reason"),
+        answer("ER703", "invalid", field="identifier", reason="mismatch"),
+        answer("ER707", "invalid", field="user_identifier"),
+        answer("ER700", "invalid", field="user_authorization", reason="missing"),
+        answer("ER702", "invalid", field="user_authorization"),
+        answer("ER704", "invalid"),  # core's Invalid("subject", "missing"): neither user header was sent
+        answer("ER705", "not_found", by="identifier"),
+        answer("ER702", "not_found", by="token"),
+        answer("ER709", "not_found"),
         # The login token (and its uuid) is a one-time user token: one answer for unknown, expired, used,
         # mismatched or revoked, so nothing tells which. A refused redemption is 401 in every dialect (no oracle).
-        on(GrantRefused, "ER702"),
-        answer("ER928", MethodNotAllowed),
-        answer("ER921", PayloadTooLarge),
-        answer("ER922", UnsupportedEncoding),
-        answer("ER923", RequestTimeout),
-        answer("ER920", RateLimited),
+        on("grant_refused", "ER702"),
+        answer("ER928", "method_not_allowed"),
+        answer("ER921", "payload_too_large"),
+        answer("ER922", "unsupported_encoding"),
+        answer("ER923", "request_timeout"),
+        answer("ER920", "rate_limited"),
         # The seed's general error: a store outage is 503, an unreachable app 502 or 504, anything unexpected 500.
-        on(StoreUnavailable, "ER999"),
-        on(UpstreamUnavailable, "ER999"),
-        answer("ER999", GatewayError),
+        on("store_unavailable", "ER999"),
+        on("upstream_unavailable", "ER999"),
+        answer("ER999", "internal"),
     )
 
     def envelope(self, status: int, parts: tuple[str | int, ...]) -> web.Response:

@@ -23,21 +23,7 @@ from aiohttp import web
 from ..config import AppConfig
 from ..core import ImpersonationCommand, MintResult, SubjectRef
 from ..directory import Subject
-from ..errors import (
-    Forbidden,
-    GatewayError,
-    GrantRefused,
-    Invalid,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-    RateLimited,
-    RequestTimeout,
-    StoreUnavailable,
-    Unauthenticated,
-    UnsupportedEncoding,
-    UpstreamUnavailable,
-)
+from ..errors import Invalid, Unauthenticated
 from . import Carrier, Dialect, Endpoint, HttpRequest, Where, json_response, on
 
 HEADER = "X-Auth-Token"
@@ -80,37 +66,39 @@ class Denovolab(Dialect):
     # error_type, then: field and message (marshmallow's words) of a validation error; nothing (not found); or
     # message, code and reason of the portal's "error" object
     errors = (
-        on(Invalid, "validation_error", "{reason_header}", "Missing data for required field.",
+        on("invalid", "validation_error", "{reason_header}", "Missing data for required field.",
            field="reason", reason="missing"),
-        on(Invalid, "validation_error", "{reason_header}", "Invalid value.", field="reason"),
-        on(Invalid, "validation_error", "{field}", "Missing data for required field.", reason="missing"),
-        on(Invalid, "validation_error", "{field}", "Field may not be null.", reason="null"),
-        on(Invalid, "validation_error", "{field}", "Not a valid integer.", reason="type"),
-        on(Invalid, "validation_error", "{field}", "Number too large.", reason="too_large"),
-        on(Invalid, "validation_error", "{field}", "Invalid JSON body.", reason="malformed"),
-        on(Invalid, "validation_error", "{field}", "Invalid input type.", reason="not_object"),
-        on(Invalid, "validation_error", "{field}", "Invalid value."),
-        on(NotFound, "Object not found error"),
-        on(Unauthenticated, "unauthenticated_error", f"No header {HEADER} present", 110, "auth_token_not_provided",
+        on("invalid", "validation_error", "{reason_header}", "Invalid value.", field="reason"),
+        on("invalid", "validation_error", "{field}", "Missing data for required field.", reason="missing"),
+        on("invalid", "validation_error", "{field}", "Field may not be null.", reason="null"),
+        on("invalid", "validation_error", "{field}", "Not a valid integer.", reason="type"),
+        on("invalid", "validation_error", "{field}", "Number too large.", reason="too_large"),
+        on("invalid", "validation_error", "{field}", "Invalid JSON body.", reason="malformed"),
+        on("invalid", "validation_error", "{field}", "Invalid input type.", reason="not_object"),
+        on("invalid", "validation_error", "{field}", "Invalid value."),
+        on("not_found", "Object not found error"),
+        on("unauthenticated", "unauthenticated_error", f"No header {HEADER} present", 110, "auth_token_not_provided",
            reason="missing"),
-        on(Unauthenticated, "unauthenticated_error", f"Invalid {HEADER}", 111, "auth_token_invalid"),
-        on(GrantRefused, "unauthenticated_error", "The login token is invalid or has expired", 112,
+        on("unauthenticated", "unauthenticated_error", f"Invalid {HEADER}", 111, "auth_token_invalid"),
+        on("grant_refused", "unauthenticated_error", "The login token is invalid or has expired", 112,
            "login_token_invalid"),
-        on(Forbidden, "forbidden_error", "You are not allowed to log in as this client", 120, "permission_denied"),
-        on(MethodNotAllowed, "method_not_allowed_error", "Method not allowed; use {allowed}", 133,
+        on("forbidden", "forbidden_error", "You are not allowed to log in as this client", 120, "permission_denied"),
+        on("method_not_allowed", "method_not_allowed_error", "Method not allowed; use {allowed}", 133,
            "method_not_allowed"),
-        on(PayloadTooLarge, "payload_too_large_error", "Request body exceeds {limit} bytes", 130, "payload_too_large"),
-        on(UnsupportedEncoding, "unsupported_media_type_error",
+        on("payload_too_large", "payload_too_large_error", "Request body exceeds {limit} bytes", 130,
+           "payload_too_large"),
+        on("unsupported_encoding", "unsupported_media_type_error",
            "Cannot decode a request body with Content-Encoding {encoding}", 131, "unsupported_content_encoding"),
-        on(RequestTimeout, "request_timeout_error", "Request body not received in time", 132, "request_timeout"),
-        on(RateLimited, "rate_limit_error", "Too many failed attempts; retry in {retry_after} s", 140,
+        on("request_timeout", "request_timeout_error", "Request body not received in time", 132, "request_timeout"),
+        on("rate_limited", "rate_limit_error", "Too many failed attempts; retry in {retry_after} s", 140,
            "too_many_requests"),
-        on(StoreUnavailable, "service_unavailable_error", "Service temporarily unavailable", 150,
+        on("store_unavailable", "service_unavailable_error", "Service temporarily unavailable", 150,
            "service_unavailable"),
-        on(UpstreamUnavailable, "gateway_timeout_error", "The application did not answer in time", 152,
+        on("upstream_unavailable", "gateway_timeout_error", "The application did not answer in time", 152,
            "upstream_timeout", timeout=True),
-        on(UpstreamUnavailable, "bad_gateway_error", "The application cannot be reached", 151, "upstream_unavailable"),
-        on(GatewayError, "internal_server_error", "Internal server error", 100, "internal_error"),
+        on("upstream_unavailable", "bad_gateway_error", "The application cannot be reached", 151,
+           "upstream_unavailable"),
+        on("internal", "internal_server_error", "Internal server error", 100, "internal_error"),
     )  # fmt: skip
 
     def envelope(self, status: int, parts: tuple[str | int, ...]) -> web.Response:

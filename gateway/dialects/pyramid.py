@@ -17,21 +17,7 @@ from aiohttp import web
 
 from ..config import AppConfig
 from ..core import ImpersonationCommand, MintResult, SubjectRef, check_custom_data
-from ..errors import (
-    Forbidden,
-    GatewayError,
-    GrantRefused,
-    Invalid,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-    RateLimited,
-    RequestTimeout,
-    StoreUnavailable,
-    Unauthenticated,
-    UnsupportedEncoding,
-    UpstreamUnavailable,
-)
+from ..errors import Invalid
 from . import Carrier, Dialect, Endpoint, HttpRequest, Where, load_json_object, on, text_response
 
 IDENTITY_LIMIT = 512  # characters: longer than any user name, UPN or DOMAIN\user
@@ -92,32 +78,32 @@ class Pyramid(Dialect):
 
     # the text of each error's answer
     errors = (
-        on(Invalid, "Request body is empty", field="body", reason="missing"),
-        on(Invalid, "Request body is not a JSON object", field="body"),
-        on(Invalid, "domain does not match the domain in userIdentity", field="domain", reason="mismatch"),
-        on(Invalid, "userIdentity matches more than one user; give the domain", field="identity", reason="ambiguous"),
-        on(Invalid, "Missing {reason_header} header", field="reason", reason="missing"),
-        on(Invalid, "{reason_header} must be {reason_max} printable characters at most", field="reason"),
-        on(Invalid, "Missing {field}", reason="missing"),
-        on(Invalid, "data must be an object", field="data", reason="type"),
-        on(Invalid, "{field} must be a string", reason="type"),
-        on(Invalid, "{field} must be {custom_data_max} bytes at most", reason="too_large"),
-        on(Invalid, "Invalid {field}"),
-        on(NotFound, "Unknown user", status=400),
-        on(Unauthenticated, "Missing admin token", reason="missing"),
-        on(Unauthenticated, "Invalid admin token"),
-        on(Forbidden, "Not allowed: this admin cannot log in as users", reason="role"),
-        on(Forbidden, "Not allowed: the user is outside this admin's domain"),
-        on(GrantRefused, "Invalid or expired token"),
-        on(MethodNotAllowed, "Method not allowed; use {allowed}"),
-        on(PayloadTooLarge, "Request body is larger than {limit} bytes"),
-        on(UnsupportedEncoding, "Cannot decode a request body with Content-Encoding {encoding}"),
-        on(RequestTimeout, "Request body not received in time"),
-        on(RateLimited, "Too many failed attempts; retry in {retry_after} s"),
-        on(StoreUnavailable, "Service unavailable"),
-        on(UpstreamUnavailable, "Application did not answer in time", timeout=True),
-        on(UpstreamUnavailable, "Application unavailable"),
-        on(GatewayError, "Internal server error", status=500),
+        on("invalid", "Request body is empty", field="body", reason="missing"),
+        on("invalid", "Request body is not a JSON object", field="body"),
+        on("invalid", "domain does not match the domain in userIdentity", field="domain", reason="mismatch"),
+        on("invalid", "userIdentity matches more than one user; give the domain", field="identity", reason="ambiguous"),
+        on("invalid", "Missing {reason_header} header", field="reason", reason="missing"),
+        on("invalid", "{reason_header} must be {reason_max} printable characters at most", field="reason"),
+        on("invalid", "Missing {field}", reason="missing"),
+        on("invalid", "data must be an object", field="data", reason="type"),
+        on("invalid", "{field} must be a string", reason="type"),
+        on("invalid", "{field} must be {custom_data_max} bytes at most", reason="too_large"),
+        on("invalid", "Invalid {field}"),
+        on("not_found", "Unknown user", status=400),
+        on("unauthenticated", "Missing admin token", reason="missing"),
+        on("unauthenticated", "Invalid admin token"),
+        on("forbidden", "Not allowed: this admin cannot log in as users", reason="role"),
+        on("forbidden", "Not allowed: the user is outside this admin's domain"),
+        on("grant_refused", "Invalid or expired token"),
+        on("method_not_allowed", "Method not allowed; use {allowed}"),
+        on("payload_too_large", "Request body is larger than {limit} bytes"),
+        on("unsupported_encoding", "Cannot decode a request body with Content-Encoding {encoding}"),
+        on("request_timeout", "Request body not received in time"),
+        on("rate_limited", "Too many failed attempts; retry in {retry_after} s"),
+        on("store_unavailable", "Service unavailable"),
+        on("upstream_unavailable", "Application did not answer in time", timeout=True),
+        on("upstream_unavailable", "Application unavailable"),
+        on("internal", "Internal server error", status=500),
     )
 
     def envelope(self, status: int, parts: tuple[str | int, ...]) -> web.Response:
