@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .app import OPERATIONS
 from .assertion import load_key, load_public_key
 from .config import Config, ConfigError, load_config
 from .dialects import Carrier, all_dialects
@@ -140,8 +141,9 @@ def routes(config: Config, directory: dict[str, str]) -> list[str]:
         ]
     lines += [
         "",
-        "gateway, on every host: GET /.well-known/jwks.json, GET /openapi.json",
-        f"gateway, on hosts no app lists: POST {NATIVE_PATH}, GET /healthz, GET /readyz, GET /metrics",
+        f"gateway, on every host: {', '.join(f'GET {p}' for p, op in OPERATIONS.items() if op.every_host)}",
+        f"gateway, on hosts no app lists: POST {NATIVE_PATH}, "
+        f"{', '.join(f'GET {p}' for p, op in OPERATIONS.items() if not op.every_host)}",
     ]
     admin = config.admin
     if admin.port is None:

@@ -100,7 +100,24 @@ def _parser() -> argparse.ArgumentParser:
         help="nginx's access log, written without query strings (default: %(default)s; 'off' for none)",
     )  # fmt: skip
     nginx.set_defaults(func=_proxy_config_nginx)
+
+    openapi = sub.add_parser(
+        "openapi",
+        help="print the OpenAPI 3.1 description (YAML) generated from the dialects' declarations",
+        description="Prints what GET /openapi.json serves (as YAML), for the dialects the config's apps speak; "
+        "the repository's gateway/openapi.yaml is this command's output for its config.yaml.",
+    )
+    _config_arg(openapi)
+    openapi.set_defaults(func=_openapi)
     return parser
+
+
+def _openapi(args: argparse.Namespace) -> int:
+    from .openapi import render
+
+    config = load_config(args.config)
+    print(render(app.dialect for app in config.apps), end="")
+    return 0
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:

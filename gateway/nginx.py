@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from yarl import URL
 
 from . import native
+from .app import OPERATIONS
 from .config import AppConfig, Config
 from .core import TOKEN_BYTES
 from .dialects import Carrier, Dialect, Endpoint, Where, template_regex
@@ -224,7 +225,8 @@ def _server(
     ]
     gateway_block = _gateway_headers(gateway_timeout)
     # The native API answers on the gateway's own host names: on a host an app lists, the path is the app's.
-    for path in ("/.well-known/jwks.json", "/openapi.json", *(() if hosts else (native.PATH,))):
+    every_host = (path for path, operation in OPERATIONS.items() if operation.every_host)
+    for path in (*every_host, *(() if hosts else (native.PATH,))):
         lines += [f"    location = {path} {{", *gateway_block, "    }"]
     for group in groups:
         endpoints = {e for app in group.apps for e in dialects[app.dialect].endpoints}

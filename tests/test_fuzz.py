@@ -30,7 +30,7 @@ from gateway.directory import parse_directory
 from gateway.errors import GatewayError
 from gateway.store import Store
 from tests.conftest import KEY, Upstream, make_config
-from tests.test_openapi import DEMO_APPS, DIRECTORY, assert_conforms, described_template
+from tests.fixtures import DEMO_APPS, DIRECTORY, assert_conforms, described_template
 
 DIALECTS = all_dialects()
 APP_OF = {settings_["dialect"]: AppConfig(name, settings_["dialect"], "http://upstream.invalid")

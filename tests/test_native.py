@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import PUBLIC_URL, GatewayFactory, Upstream
-from tests.test_openapi import DEMO_APPS, DIRECTORY
+from tests.fixtures import DEMO_APPS, DIRECTORY
 
 APPS = {name: {**app, "redeem_on_get": True} for name, app in DEMO_APPS.items()}
 AP = "vY5fwetestK3gJXZH5uHCw"  # ActivePlatform manager of reseller 1 (its subjects: 505, 707 below 7, ...)

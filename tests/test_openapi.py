@@ -1,27 +1,23 @@
-"""The OpenAPI description (``gateway/openapi.yaml``, served at ``/openapi.json``) kept true: it is valid
-OpenAPI 3.1, it names every route the dialects and the app define and nothing else, and real answers to
-real requests (every documented status of every operation) fit it.
+"""The OpenAPI description kept true: ``gateway/openapi.yaml`` is what ``impersonation-gateway openapi`` generates
+from the declarations (a golden file), it is valid OpenAPI 3.1, it names every route the dialects and the app define
+and nothing else, and real answers to real requests (every documented status of every operation) fit it.
 
-``assert_conforms`` is the one place that judges an answer against the description; the fuzz tests use it too.
+``tests.fixtures.assert_conforms`` is the one place that judges an answer against the description.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import functools
 import gzip
 import importlib.metadata
-import importlib.resources
 import json
-import re
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import jsonschema_rs  # schemathesis's own JSON Schema validator
 import pytest
 import redis.asyncio as aioredis
 import schemathesis
@@ -29,113 +25,55 @@ import yaml
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 
-from gateway.app import OPERATIONS, create_app
+from gateway import openapi
+from gateway.app import OPERATIONS, Operation, create_app
+from gateway.cli import main
 from gateway.core import Gateway
-from gateway.dialects import Dialect, Endpoint, all_dialects
+from gateway.dialects import all_dialects
 from gateway.dialects.btcdirect import CATALOGUE, BtcDirect
+from gateway.errors import UpstreamUnavailable
 from gateway.metrics import Metrics
+from gateway.proxy import Proxy
 from tests.conftest import KEY, GatewayFactory, Upstream, free_port, make_config
+from tests.fixtures import (
+    DEMO_APPS,
+    DIRECTORY,
+    ROOT,
+    SPEC,
+    assert_answer_conforms,
+    assert_conforms,
+    documented_statuses,
+    find_operation,
+    operations,
+    resolve,
+    sample_path,
+)
 
-SPEC: dict[str, Any] = yaml.safe_load(importlib.resources.files("gateway").joinpath("openapi.yaml").read_text("utf-8"))
-ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+GOLDEN = Path(openapi.__file__).with_name("openapi.yaml")
 DIALECT_TAGS = frozenset(all_dialects())
-
-
-# -- judging an answer against the description -------------------------------------------------------------
-def _escape(token: str) -> str:
-    return token.replace("~", "~0").replace("/", "~1")
-
-
-def _resolve(node: dict[str, Any], pointer: str) -> tuple[dict[str, Any], str]:
-    """Follow local ``$ref``s: the node and its JSON pointer in the description."""
-    while "$ref" in node:
-        pointer = node["$ref"]
-        node = SPEC
-        for token in pointer.removeprefix("#/").split("/"):
-            node = node[token.replace("~1", "/").replace("~0", "~")]
-    return node, pointer
-
-
-@functools.cache
-def _validator(pointer: str) -> Any:
-    return jsonschema_rs.validator_for({**SPEC, "$ref": pointer})
-
-
-def _template_pattern(template: str) -> re.Pattern[str]:
-    parts = re.split(r"(\{[^}/]+\})", template)
-    return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
-
-
-def find_operation(method: str, path: str) -> tuple[str, dict[str, Any], str]:
-    """The described operation for ``method`` and a concrete ``path``: its template, object and pointer."""
-    for template, item in SPEC["paths"].items():
-        if method.lower() in item and _template_pattern(template).fullmatch(path):
-            return template, item[method.lower()], f"#/paths/{_escape(template)}/{method.lower()}"
-    raise AssertionError(f"{method} {path} is not described in gateway/openapi.yaml")
-
-
-def assert_conforms(method: str, path: str, status: int, headers: Mapping[str, str], body: bytes) -> None:
-    """The answer is a documented status, with its documented headers, media type and body schema."""
-    template, operation, pointer = find_operation(method, path)
-    where = f"{method} {template} -> {status}"
-    responses = operation["responses"]
-    key = str(status) if str(status) in responses else "default"
-    assert key in responses, f"{where}: status not documented ({body[:200]!r})"
-    response, pointer = _resolve(responses[key], f"{pointer}/responses/{key}")
-    for name, declared in response.get("headers", {}).items():
-        header, header_pointer = _resolve(declared, f"{pointer}/headers/{_escape(name)}")
-        value = headers.get(name)
-        if value is None:
-            assert not header.get("required"), f"{where}: header {name} missing"
-            continue
-        instance: Any = int(value) if value.isdigit() and header["schema"].get("type") == "integer" else value
-        errors = [e.message for e in _validator(f"{header_pointer}/schema").iter_errors(instance)]
-        assert not errors, f"{where}: header {name}: {value!r}: {errors}"
-    content = response.get("content")
-    if not content:
-        return
-    media = headers.get("Content-Type", "").partition(";")[0].strip().lower()
-    assert media in content, f"{where}: media type {media!r}, documented {sorted(content)}"
-    is_json = media == "application/json" or media.endswith("+json")
-    data = json.loads(body) if is_json else body.decode("utf-8")
-    errors = [e.message for e in _validator(f"{pointer}/content/{_escape(media)}/schema").iter_errors(data)]
-    assert not errors, f"{where}: body {body[:500]!r} does not fit: {errors}"
-
-
-async def assert_answer_conforms(response: Any, method: str, path: str) -> bytes:
-    body: bytes = await response.read()
-    assert_conforms(method, path, response.status, response.headers, body)
-    return body
-
-
-def operations() -> Iterator[tuple[str, str, dict[str, Any]]]:
-    for template, item in SPEC["paths"].items():
-        for method in METHODS:
-            if method in item:
-                yield method.upper(), template, item[method]
-
-
-def documented_statuses() -> set[tuple[str, str, str]]:
-    return {(m, t, status) for m, t, op in operations() for status in op["responses"]}
-
-
-PATH_PARAMETERS = frozenset(name for template in SPEC["paths"] for name in re.findall(r"\{([^}]+)\}", template))
-
-
-def sample_path(template: str) -> str:
-    return re.sub(r"\{[^}]+\}", "1", template)
-
-
-def described_template(dialect: Dialect, endpoint: Endpoint, params: Mapping[str, str]) -> str:
-    """The described path of ``endpoint`` of ``dialect``: its template, which the description must hold."""
-    for method, template, operation in operations():
-        if dialect.name in operation["tags"] and method == endpoint.method and template == endpoint.template:
-            return template
-    raise AssertionError(f"{dialect.name}: {endpoint.method} {endpoint.template} is not described")
+TAGS = {tag["name"]: tag["description"] for tag in SPEC["tags"]}
 
 
 # -- the description itself ---------------------------------------------------------------------------------
+def test_the_description_is_the_generated_one() -> None:
+    """Regenerate with ``.venv/bin/impersonation-gateway openapi --config config.yaml > gateway/openapi.yaml`` (or
+    ``python -c 'from tests.test_openapi import write_golden; write_golden()'``) after a change, and review the diff."""
+    assert openapi.render() == GOLDEN.read_text(encoding="utf-8"), (
+        "gateway/openapi.yaml is not what the declarations generate: review the change and regenerate it"
+    )
+    assert yaml.safe_load(openapi.render()) == openapi.document() == SPEC
+
+
+def test_the_command_prints_the_committed_description(capsys: pytest.CaptureFixture[str]) -> None:
+    """``impersonation-gateway openapi`` for the repository's config (an app per dialect) is the committed file."""
+    assert main(["openapi", "--config", str(ROOT / "config.yaml")]) == 0
+    assert capsys.readouterr().out == GOLDEN.read_text(encoding="utf-8")
+
+
+def write_golden() -> None:
+    GOLDEN.write_text(openapi.render(), encoding="utf-8")
+
+
 def test_description_is_valid_openapi_3_1() -> None:
     assert SPEC["openapi"].startswith("3.1.")
     schemathesis.openapi.from_dict(copy.deepcopy(SPEC)).validate()  # against the OpenAPI 3.1 meta-schema
@@ -150,10 +88,14 @@ def test_every_dialect_endpoint_is_described_and_nothing_else() -> None:
     for dialect in all_dialects().values():
         declared = {(e.method, e.template) for e in dialect.endpoints}
         declared |= {(c.endpoint.method, c.endpoint.template) for c in dialect.carriers if c.endpoint is not None}
-        described = {(m, t) for m, t, op in operations() if dialect.name in op["tags"]}
+        described = {(m, t) for m, t, op in operations() if dialect.name in op["tags"] and not _refused(op)}
         assert described == declared, dialect.name
         for method, template, operation in operations():
             if dialect.name not in operation["tags"]:
+                continue
+            if _refused(operation):  # another method on a mint or info path: 405, with Allow
+                assert dialect.match(method, sample_path(template)) is None
+                assert dialect.methods_at(sample_path(template)), f"{method} {template}"
                 continue
             if "redemption" in operation["tags"]:  # a body carrier's endpoint, not a mint endpoint
                 assert dialect.match(method, sample_path(template)) is None
@@ -161,23 +103,59 @@ def test_every_dialect_endpoint_is_described_and_nothing_else() -> None:
             matched = dialect.match(method, sample_path(template))
             assert matched is not None and matched[0].template == template, f"{method} {template}"
             declared_params = {
-                p["name"] for p in (_resolve(p, "")[0] for p in operation.get("parameters", [])) if p["in"] == "path"
+                p["name"] for p in (resolve(p, "")[0] for p in operation.get("parameters", [])) if p["in"] == "path"
             }
             assert declared_params == set(matched[1]), f"{method} {template}: path parameters"
+
+
+def _refused(operation: dict[str, Any]) -> bool:
+    return set(operation["responses"]) == {"405"}
 
 
 def test_every_operations_route_is_described_and_nothing_else() -> None:
     assert {("GET", path) for path in OPERATIONS} == {(m, t) for m, t, op in operations() if "operations" in op["tags"]}
 
 
+def test_operations_answer_on_the_hosts_the_table_says() -> None:
+    for path, operation in OPERATIONS.items():
+        description = SPEC["paths"][path]["get"]["description"]
+        assert ("every host" in description) is operation.every_host, path
+        assert ("own host names only" in description) is not operation.every_host, path
+
+
+def test_every_metric_is_described() -> None:
+    described = SPEC["paths"]["/metrics"]["get"]["description"]
+    names = {m.name for m in Metrics().registry.collect()}
+    assert names >= {"gateway_grants_revoked", "gateway_request_duration_seconds"}
+    for name in names:
+        assert name in described, name
+
+
+def test_another_method_on_a_mint_path_is_405_with_allow() -> None:
+    for method, template, operation in operations():
+        if _refused(operation):
+            response, _ = resolve(operation["responses"]["405"], "")
+            assert response["headers"]["Allow"]["required"], f"{method} {template}"
+            assert method not in response["headers"]["Allow"]["schema"]["const"].split(", ")
+
+
+def test_redemptions_document_429_502_and_504() -> None:
+    responses = SPEC["paths"]["/api/v2/user/login-with-token"]["post"]["responses"]
+    assert {"401", "429", "502", "503", "504", "default"} <= set(responses)
+    for dialect in DIALECT_TAGS:
+        assert {f"{dialect}Redeem{s}" for s in (401, 429, 500, 502, 503, 504)} <= set(SPEC["components"]["responses"])
+
+
 def test_btcdirect_error_codes_are_the_catalogue() -> None:
     def codes(status: str, template: str = "/api/v1/user/login-token", method: str = "get") -> set[str]:
-        response, _ = _resolve(SPEC["paths"][template][method]["responses"][status], "")
+        response, _ = resolve(SPEC["paths"][template][method]["responses"][status], "")
         schema = response["content"]["application/json"]["schema"]
-        return set(schema["allOf"][1]["properties"]["errors"]["propertyNames"]["enum"])
+        return {code for one in schema.get("anyOf", [schema]) for code in one["properties"]["errors"]["properties"]}
 
     by_status = {s: {c for c, e in CATALOGUE.items() if e.status == s} for s in (400, 408, 413, 415, 429, 500)}
-    assert codes("400") == by_status[400]
+    assert codes("400") <= by_status[400]  # the codes the dialect answers with, every one in the catalogue
+    assert {"ER700", "ER702", "ER703", "ER704", "ER705", "ER707", "ER800", "ER802", "ER803", "ER805"} <= codes("400")
+    assert all(f"| {code} | {e.status} |" in TAGS["btcdirect"] for code, e in CATALOGUE.items())
     assert codes("408") == by_status[408] == {"ER923"}
     assert codes("413") == by_status[413] == {"ER921"}
     assert codes("415", "/api/v2/user/login-with-token", "post") == by_status[415] == {"ER922"}
@@ -194,16 +172,6 @@ async def test_openapi_json_is_the_yaml(gateway: GatewayFactory) -> None:
     await assert_answer_conforms(response, "GET", "/openapi.json")
 
 
-# -- real requests, every documented status ----------------------------------------------------------------
-DEMO_APPS: dict[str, Any] = {
-    name: {k: v for k, v in app.items() if k != "upstream"}
-    for name, app in yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))["apps"].items()
-}
-DIRECTORY: dict[str, Any] = yaml.safe_load((ROOT / "directory.yaml").read_text(encoding="utf-8"))
-# The demo has no Denovolab actor whose role may not mint.
-DIRECTORY["apps"]["switch"]["principals"].append(
-    {"id": "viewer-1", "token": "denovolab-viewer-token", "role": "viewer"}
-)
 BODY_LIMIT = 1024
 TOO_LARGE = b"x" * (2 * BODY_LIMIT)
 GZIP_BOMB = gzip.compress(b"{" + b" " * (64 * BODY_LIMIT) + b"}")  # small on the wire, over the limit decoded
@@ -409,10 +377,23 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
+# Another method on a mint, info or native path: 405 with Allow, for every method the description names.
+SCENARIOS.update(
+    {
+        f"{method.lower()}-{template}-405": Scenario(405, method, sample_path(template))
+        for method, template, operation in operations()
+        if set(operation["responses"]) == {"405"}
+    }
+)
+# Exercised by their own tests, which need a live grant: the app's own answer (test_a_redemption_is_the_apps_answer),
+# the app out of reach (test_a_redemption_the_app_cannot_take) and too many refused grants
+# (test_too_many_refused_redemptions).
+ELSEWHERE = {("POST", WITH_TOKEN, status) for status in ("default", "502", "504", "429")}
+
+
 def test_the_scenarios_reach_every_documented_status() -> None:
     reached = {(s.method, find_operation(s.method, s.path)[0], str(s.status)) for s in SCENARIOS.values()}
-    # ``default`` is the app's own answer to a redemption: test_a_redemption_is_the_apps_answer.
-    missing = documented_statuses() - reached - {("POST", WITH_TOKEN, "default")}
+    missing = documented_statuses() - reached - ELSEWHERE
     assert not missing, f"documented but never exercised: {sorted(missing)}"
     assert reached <= documented_statuses()
 
@@ -431,7 +412,7 @@ def _break(monkeypatch: pytest.MonkeyPatch) -> None:
     for owner, name in ((Gateway, "mint"), (Gateway, "redeem")):
         monkeypatch.setattr(owner, name, async_boom)
     for path in ("/healthz", "/readyz", "/.well-known/jwks.json", "/openapi.json"):
-        monkeypatch.setitem(OPERATIONS, path, (async_boom, OPERATIONS[path][1]))
+        monkeypatch.setitem(OPERATIONS, path, Operation(async_boom, OPERATIONS[path].every_host))
 
 
 @pytest.fixture
@@ -535,3 +516,31 @@ async def test_a_redemption_is_the_apps_answer(gateway: GatewayFactory, upstream
     again = await client.post(WITH_TOKEN, json={"uuid": grant["uuid"], "token": grant["token"]})
     assert again.status == 401
     await assert_answer_conforms(again, "POST", WITH_TOKEN)
+
+
+@pytest.mark.parametrize("status", [502, 504])
+async def test_a_redemption_the_app_cannot_take(
+    gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    """The app out of reach (refused, or no connection in time): the dialect's 502 or 504, and the grant is kept."""
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise UpstreamUnavailable(timeout=status == 504)
+
+    client = await gateway(DEMO_APPS, DIRECTORY)
+    grant = await (await client.get(BTC, headers={**PARTNER, **USER_ID})).json()
+    monkeypatch.setattr(Proxy, "hold", unreachable)
+    response = await client.post(WITH_TOKEN, json={"uuid": grant["uuid"], "token": grant["token"]})
+    assert response.status == status
+    body = await assert_answer_conforms(response, "POST", WITH_TOKEN)
+    assert list(json.loads(body)["errors"]) == ["ER999"]
+
+
+async def test_too_many_refused_redemptions(gateway: GatewayFactory) -> None:
+    client = await gateway(DEMO_APPS, DIRECTORY, rate_limit={"failures": 1, "window_seconds": 60})
+    unknown = {"uuid": "45b9313b-fa47-4786-baf1-62969dec31f2", "token": "x" * 32}
+    assert (await client.post(WITH_TOKEN, json=unknown)).status == 401
+    response = await client.post(WITH_TOKEN, json=unknown)
+    assert response.status == 429 and int(response.headers["Retry-After"]) > 0
+    body = await assert_answer_conforms(response, "POST", WITH_TOKEN)
+    assert list(json.loads(body)["errors"]) == ["ER920"]

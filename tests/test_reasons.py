@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from gateway.core import parse_reason
 from gateway.errors import Invalid
 from tests.conftest import GatewayFactory, Upstream
-from tests.test_openapi import DEMO_APPS, DIRECTORY
+from tests.fixtures import DEMO_APPS, DIRECTORY
 
 REASON = "ticket 4711: the customer cannot see last month's invoices"
 

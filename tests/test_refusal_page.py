@@ -9,7 +9,7 @@ import pytest
 
 from gateway.redemption import prefers_html
 from tests.conftest import GatewayFactory, Upstream
-from tests.test_openapi import DEMO_APPS, DIRECTORY
+from tests.fixtures import DEMO_APPS, DIRECTORY
 from tests.test_reasons import MINTS
 
 BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"

@@ -18,8 +18,8 @@ from gateway.app import create_app
 from gateway.directory import parse_directory
 from gateway.store import Store
 from tests.conftest import KEY, Upstream, free_port, make_config, until
-from tests.test_openapi import DEMO_APPS
-from tests.test_openapi import DIRECTORY as DEMO_DIRECTORY
+from tests.fixtures import DEMO_APPS
+from tests.fixtures import DIRECTORY as DEMO_DIRECTORY
 
 REVOKER, PROVISIONER = "ops-revoke-token", "idp-scim-token"
 MANAGER = "vY5fwetestK3gJXZH5uHCw"  # control-panel, reseller 1 (505)

@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import (
 from gateway.config import DIALECTS
 from tests import processes
 from tests.conftest import RedisServer, free_port
-from tests.test_openapi import DEMO_APPS, DIRECTORY, SPEC
+from tests.fixtures import DEMO_APPS, DIRECTORY, SPEC
 
 CHECKS = [
     not_a_server_error,
