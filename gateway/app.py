@@ -25,14 +25,13 @@ import yaml
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import body as bodies
-from . import native
+from . import minting, native
 from .admin import create_admin_app
 from .assertion import Signer, load_key, load_public_key
-from .config import Config
-from .core import REASON_HEADER, Gateway, parse_reason
+from .config import AppConfig, Config
+from .core import Gateway
 from .dialects import Dialect, HttpRequest, all_dialects
-from .errors import GatewayError, MethodNotAllowed, StoreUnavailable
+from .errors import MethodNotAllowed, StoreUnavailable
 from .logging import (
     FLUSH_SECONDS,
     REQUEST_ID,
@@ -304,7 +303,6 @@ def _client(request: web.Request) -> str:
 # -- dispatch -----------------------------------------------------------------------------------------
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """A mint or info endpoint of one of the request's apps, else the redemption flow."""
-    config = request.app[CONFIG]
     try:
         target = parse_target(request.raw_path, request.host)
     except BadTarget as exc:
@@ -328,25 +326,21 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         request[KIND] = endpoint.kind
         view = HttpRequest(request.method, path, request.query, request.headers, client=client,
                            endpoint=endpoint, params=params)  # fmt: skip
-        try:
-            if endpoint.kind == "info":
-                return dialect.info(view, app, config.public_url_of(app))
-            server = config.server
-            if request.method in ("GET", "HEAD"):  # nothing is taken from the body: it is only bounded
-                if request.body_exists:
-                    await bodies.read_raw(request, server.body_limit_bytes, server.body_timeout_seconds)
-            else:
-                _, decoded = await bodies.read(request, server.body_limit_bytes, server.body_timeout_seconds)
-                view = replace(view, body=decoded)
-            command = dialect.parse(view, app)
-            if REASON_HEADER in request.headers:
-                command = replace(command, reason=parse_reason(request.headers.getall(REASON_HEADER)))
-            result = await request.app[GATEWAY].mint(command, request[REQUEST_ID])
-            return dialect.render(result, app, config.public_url_of(app))
-        except GatewayError as exc:
-            return dialect.error_response(exc)
-        except Exception as exc:
-            bind_request(request)
-            log.error("unhandled_error", app=app.name, dialect=app.dialect, **unexpected(exc))
-            return dialect.render_error(GatewayError())
+        return await _answer(request, dialect, app, view, endpoint.kind)
     return await request.app[REDEEMER].handle(request, target, route, client)
+
+
+async def _answer(request: web.Request, dialect: Dialect, app: AppConfig, view: HttpRequest, kind: str) -> web.Response:
+    """A dialect's info endpoint, or its mint endpoint: the one mint flow with the dialect's parse and shapes."""
+    config = request.app[CONFIG]
+    if kind == "info":
+
+        async def info() -> web.Response:
+            return dialect.info(view, app, config.public_url_of(app))
+
+        return await minting.answer(request, dialect.error_response, info, app=app.name, dialect=app.dialect)
+    return await minting.mint(request, request.app[GATEWAY], config.server, request[REQUEST_ID],
+                              lambda body: dialect.parse(replace(view, body=body), app),
+                              lambda _, result: dialect.render(result, app, config.public_url_of(app)),
+                              dialect.error_response, read_body=request.method not in ("GET", "HEAD"),
+                              app=app.name, dialect=app.dialect)  # fmt: skip

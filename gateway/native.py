@@ -13,17 +13,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import structlog
 from aiohttp import web
 
 from . import body as bodies
+from . import minting
 from .config import AppConfig, Config
-from .core import Gateway, ImpersonationCommand, SubjectRef, check_custom_data, parse_reason
+from .core import Gateway, ImpersonationCommand, MintResult, SubjectRef, check_custom_data, parse_reason
 from .dialects import Dialect, bearer, load_json_object, on, render
-from .errors import GatewayError, Invalid
-from .logging import bind_request, unexpected
-
-log = structlog.get_logger("gateway")
+from .errors import GatewayError, Invalid, MethodNotAllowed
 
 PATH = "/v1/grants"
 PROBLEM = "application/problem+json"
@@ -80,7 +77,12 @@ def error_problem(error: GatewayError) -> web.Response:
 async def read_json(request: web.Request, config: Config) -> dict[str, Any]:
     """The request's body as a JSON object (bounded in size and time like every body the gateway reads)."""
     _, decoded = await bodies.read(request, config.server.body_limit_bytes, config.server.body_timeout_seconds)
-    data = load_json_object(decoded)
+    return json_object(decoded)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """``body`` as a JSON object; Invalid when it is not one."""
+    data = load_json_object(body)
     if data is None:
         raise Invalid("body", "value")
     return data
@@ -161,18 +163,17 @@ def credential_of(request: web.Request) -> str | None:
 async def mint(
     request: web.Request, config: Config, gateway: Gateway, dialects: dict[str, Dialect], client: str, request_id: str
 ) -> web.Response:
-    """``POST /v1/grants``: 201 with the grant, or problem details."""
+    """``POST /v1/grants``: 201 with the grant, or problem details (the one mint flow; the reason is a field)."""
     if request.method != "POST":
-        return problem(405, "method-not-allowed", "Method not allowed", "use POST", Allow="POST")
-    try:
-        cmd = command(await read_json(request, config), credential_of(request), config, dialects, client)
-        result = await gateway.mint(cmd, request_id)
-    except GatewayError as exc:
-        return error_problem(exc)
-    except Exception as exc:
-        bind_request(request)
-        log.error("unhandled_error", api="native", **unexpected(exc))
-        return error_problem(GatewayError())
-    app = config.app(cmd.app)
-    url = dialects[app.dialect].login_url(result, app, config.public_url_of(app))
-    return created(result.grant.id, result.token, url, result.grant.expires_at)
+        return error_problem(MethodNotAllowed(("POST",)))
+
+    def parse(body: bytes) -> ImpersonationCommand:
+        return command(json_object(body), credential_of(request), config, dialects, client)
+
+    def render(cmd: ImpersonationCommand, result: MintResult) -> web.Response:
+        app = config.app(cmd.app)
+        url = dialects[app.dialect].login_url(result, app, config.public_url_of(app))
+        return created(result.grant.id, result.token, url, result.grant.expires_at)
+
+    return await minting.mint(request, gateway, config.server, request_id, parse, render, error_problem,
+                              reason_header=False, api="native")  # fmt: skip

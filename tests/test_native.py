@@ -10,7 +10,9 @@ from urllib.parse import urlsplit
 
 import pytest
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
+from gateway.core import REASON_HEADER, REASON_MAX, Gateway
 from tests.conftest import PUBLIC_URL, GatewayFactory, Upstream
 from tests.fixtures import DEMO_APPS, DIRECTORY
 
@@ -207,3 +209,33 @@ async def test_custom_data_up_to_one_kib_rides_in_the_assertion(gateway: Gateway
     (seen,) = upstream.requests
     assert upstream.claims()["custom_data"] == largest
     assert len(seen.headers["X-Impersonation-Assertion"]) < 2500
+
+
+async def test_an_unexpected_error_in_the_one_mint_flow_is_logged_and_answered_in_shape(
+    gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("text that may quote request bytes")
+
+    monkeypatch.setattr(Gateway, "mint", boom)
+    client = await gateway(apps=APPS, directory=DIRECTORY)
+    pyramid = {"token": "pyramid-enterprise-admin-token", "userIdentity": "jdoe"}
+    with capture_logs() as logs:
+        by_native = await native(client, {"app": "control-panel", "subject": "505"})
+        by_dialect = await client.post("/API3/authentication/authenticateUserByToken", json=pyramid)
+    assert (await problem(by_native, 500))["detail"] == "an unexpected error; it is logged"
+    assert (by_dialect.status, await by_dialect.text()) == (500, "Internal server error")
+    errors = [e for e in logs if e["event"] == "unhandled_error"]
+    assert [(e.get("api"), e.get("app"), e.get("dialect"), e["error"]) for e in errors] == [
+        ("native", None, None, "RuntimeError"),
+        (None, "analytics", "pyramid", "RuntimeError"),
+    ]
+    assert "request bytes" not in str(logs)
+
+
+async def test_the_native_reason_is_its_field_not_the_header(gateway: GatewayFactory) -> None:
+    client = await gateway(apps=APPS, directory=DIRECTORY)
+    response = await native(client, {"app": "control-panel", "subject": "505"}, **{REASON_HEADER: "x" * 500})
+    assert response.status == 201, await response.text()
+    assert (await problem(await native(client, {"app": "control-panel", "subject": "505", "reason": "x" * 500}),
+                          400))["detail"] == f"reason: at most {REASON_MAX} printable characters"  # fmt: skip
