@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import minting, native
 from .admin import create_admin_app
-from .assertion import Signer, load_key, load_public_key
+from .assertion import Signer, load_keys
 from .config import AppConfig, Config
 from .core import Gateway
 from .dialects import Dialect, HttpRequest, all_dialects
@@ -77,14 +77,14 @@ def create_app(
     app[DIALECTS] = all_dialects(app.dialect for app in config.apps)
     app[METRICS] = Metrics()
     app[ROUTER] = Router(config.apps)
+    keys = load_keys(config.assertion)
+    if keys.problems:
+        raise ValueError(keys.problems[0])
+    key = key or keys.signing
     if key is None:
-        if config.assertion.private_key_file is not None:
-            key = load_key(config.assertion.private_key_file)
-        else:
-            log.warning("assertion_key_ephemeral", detail="no assertion.private_key_file: a new key for this process")
-            key = Ed25519PrivateKey.generate()
-    previous = [load_public_key(path) for path in config.assertion.previous_key_files]
-    app[SIGNER] = Signer(key, config.server.public_url.rstrip("/"), config.assertion.ttl_seconds, previous)
+        log.warning("assertion_key_ephemeral", detail="no assertion.private_key_file: a new key for this process")
+        key = Ed25519PrivateKey.generate()
+    app[SIGNER] = Signer(key, config.server.public_url.rstrip("/"), config.assertion.ttl_seconds, keys.previous)
     app[OPENAPI] = openapi_document()
     app.cleanup_ctx.append(_store_ctx(redis))
     app.cleanup_ctx.append(_proxy_ctx)

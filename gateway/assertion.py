@@ -6,12 +6,15 @@ import base64
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .config import AssertionConfig
 
 
 def _b64url(data: bytes) -> str:
@@ -59,6 +62,34 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
     return key
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The configured assertion keys: the signing key (None when ``assertion.private_key_file`` is not set), the
+    previous ones (published after it), and one line per key file that does not load, naming its setting."""
+
+    signing: Ed25519PrivateKey | None
+    previous: tuple[Ed25519PublicKey, ...]
+    problems: tuple[str, ...]
+
+
+def load_keys(assertion: AssertionConfig) -> Keys:
+    """Every key file of ``assertion`` read, once: serve, check-config and the app factory all come here."""
+    problems: list[str] = []
+    signing = None
+    if assertion.private_key_file is not None:
+        try:
+            signing = load_key(assertion.private_key_file)
+        except ValueError as exc:
+            problems.append(f"assertion.private_key_file: {exc}")
+    previous = []
+    for i, path in enumerate(assertion.previous_key_files):
+        try:
+            previous.append(load_public_key(path))
+        except ValueError as exc:
+            problems.append(f"assertion.previous_key_files[{i}]: {exc}")
+    return Keys(signing, tuple(previous), tuple(problems))
 
 
 def _raw(key: Ed25519PublicKey) -> bytes:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .app import OPERATIONS
-from .assertion import load_key, load_public_key
+from .assertion import load_keys
 from .config import Config, ConfigError, load_config
 from .dialects import Carrier, all_dialects
 from .directory import DirectoryError, load_directory_file
@@ -44,16 +44,7 @@ def check(path: Path | None) -> Report:
 
 
 def _keys(config: Config, report: Report) -> None:
-    if config.assertion.private_key_file is not None:
-        try:
-            load_key(config.assertion.private_key_file)
-        except ValueError as exc:
-            report.problems.append(f"assertion.private_key_file: {exc}")
-    for i, key in enumerate(config.assertion.previous_key_files):
-        try:
-            load_public_key(key)
-        except ValueError as exc:
-            report.problems.append(f"assertion.previous_key_files[{i}]: {exc}")
+    report.problems.extend(load_keys(config.assertion).problems)
 
 
 def _listeners(config: Config, report: Report) -> None:

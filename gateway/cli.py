@@ -175,18 +175,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_key(config: Config) -> None:
-    from .assertion import load_key, load_public_key
+    from .assertion import load_keys
 
-    if config.assertion.private_key_file is not None:
-        try:
-            load_key(config.assertion.private_key_file)
-        except ValueError as exc:
-            raise CliError(f"assertion.private_key_file: {exc}") from None
-    for i, path in enumerate(config.assertion.previous_key_files):
-        try:
-            load_public_key(path)
-        except ValueError as exc:
-            raise CliError(f"assertion.previous_key_files[{i}]: {exc}") from None
+    problems = load_keys(config.assertion).problems
+    if problems:
+        raise CliError(problems[0])
 
 
 def _worker(config: Config, host: str, port: int, dev: bool, port_from_args: bool) -> None:

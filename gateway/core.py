@@ -150,7 +150,8 @@ GRANT_ID_SHAPE = re.compile(r"[A-Za-z0-9_-]{16}")
 # What a grant token looks like: 24 random bytes, base64url without padding. Only such a value in a carrier
 # is offered for redemption (and the nginx configuration routes on the same shape).
 TOKEN_BYTES = 24
-TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{32}")
+TOKEN_LENGTH = (TOKEN_BYTES * 4 + 2) // 3  # base64url without padding: 32 characters
+TOKEN_SHAPE = re.compile(rf"[A-Za-z0-9_-]{{{TOKEN_LENGTH}}}")
 
 
 @dataclass(frozen=True)

@@ -31,15 +31,14 @@ from yarl import URL
 from . import native
 from .app import OPERATIONS
 from .config import AppConfig, Config
-from .core import TOKEN_BYTES
+from .core import TOKEN_LENGTH
 from .dialects import Carrier, Dialect, Endpoint, Where, template_regex
 from .proxy import ASSERTION_HEADER, FORWARDING
 
 GATEWAY = "igw_gateway"
 GRANT = "$igw_grant"  # 1 when a request holds a grant-shaped value in any carrier
-_TOKEN_LENGTH = (TOKEN_BYTES * 4 + 2) // 3  # base64url without padding
 # A run that decodes to a grant: each character as itself or percent-encoded.
-_GRANT_RUN = f"(?:[A-Za-z0-9_-]|%[0-9A-Fa-f]{{2}}){{{_TOKEN_LENGTH}}}"
+_GRANT_RUN = f"(?:[A-Za-z0-9_-]|%[0-9A-Fa-f]{{2}}){{{TOKEN_LENGTH}}}"
 _SPACES = r"\s|\+|%20|%09"  # "+" too: the gateway decodes values as a form would
 _QUOTES = '"|%22'
 # Characters other than an ASCII capital that Python's str.lower() turns into an ASCII letter (the gateway
