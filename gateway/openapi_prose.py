@@ -11,7 +11,10 @@ from typing import Any
 
 import yaml
 
+from .core import REASON_MAX
+
 PROSE: dict[str, Any] = yaml.safe_load(
+    # The limits the code enforces are written where the code says them (REASON_MAX stands for core's).
     r"""
 info:
   title: impersonation-gateway
@@ -515,12 +518,12 @@ components:
       in: header
       required: false
       description: |
-        Why the actor impersonates (a ticket, a sentence): at most 200 printable characters, in the
+        Why the actor impersonates (a ticket, a sentence): at most REASON_MAX printable characters, in the
         audit events and the assertion's `reason` claim. Required when the app sets `require_reason`
         (else 400 in the dialect's shape; BTC Direct ER924, and ER925 for a bad value).
       schema:
         type: string
-        maxLength: 200
+        maxLength: REASON_MAX
         pattern: ^[^\x00-\x1f\x7f]*$
       example: 'ticket 4711: customer cannot see invoices'
     ResellerId:
@@ -732,5 +735,5 @@ components:
         text/plain:
           schema:
             $ref: '#/components/schemas/GrantToken'
-"""
+""".replace("REASON_MAX", str(REASON_MAX))
 )
