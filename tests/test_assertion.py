@@ -41,9 +41,9 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def verify(token: str, key: Any, **options: bool) -> dict[str, Any]:
+def verify(token: str, key: Any, *, verify_exp: bool = True) -> dict[str, Any]:
     found: dict[str, Any] = jwt.decode(
-        token, key, algorithms=["EdDSA"], audience="control-panel", issuer=ISSUER, options=dict(options)
+        token, key, algorithms=["EdDSA"], audience="control-panel", issuer=ISSUER, options={"verify_exp": verify_exp}
     )
     return found
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import cast
 from unittest import mock
 
 import pytest
@@ -228,7 +229,7 @@ async def test_stream_must_keep_the_least_average_pace(
     clock = Clock()
     monkeypatch.setattr(loop, "time", clock)
     stream, stalled = reader(b"x" * (2 * body.MIN_RATE), eof=False), [False]
-    chunks = body.stream(stream, 10, stalled)
+    chunks = cast(AsyncGenerator[bytes, None], body.stream(stream, 10, stalled))
     assert await anext(chunks) == b"x" * (2 * body.MIN_RATE)  # allowed until 10 + 2 seconds from the start
     clock.now += elapsed  # then the client pauses, for less than idle each time
     loop.call_soon(stream.feed_data, b"y")  # arrives on the clock's next turn, if the deadline has not passed
