@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .session_rules import MODES, Rule
+
 DIALECTS = ("activeplatform", "pyramid", "denovolab", "btcdirect")
 
 # Roles that may mint when an app does not say (DESIGN §5).
@@ -105,6 +107,19 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class SessionConfig:
+    """An app whose impersonations the gateway holds as sessions (DESIGN §13); absent: hand-off, as before."""
+
+    max_seconds: int = 3600  # hard cap from redemption; never extended
+    idle_seconds: int = 900  # ends after this long without a request of the session
+    mode: str = "full"  # the most a grant of this app may get, and its default
+    allow: tuple[str, ...] = ()  # "METHOD /path" patterns a read_only session may still use
+    deny: tuple[str, ...] = ()  # "METHOD /path" patterns refused in every session
+    banner: bool = True  # a notice with an End button in the app's HTML pages
+    end_url: str | None = None  # where ending a session sends the browser; None: the gateway's own page
+
+
+@dataclass(frozen=True)
 class AppConfig:
     name: str
     dialect: str
@@ -119,6 +134,7 @@ class AppConfig:
     supersede: bool = False  # a new grant for an actor and a subject revokes their earlier live ones
     connect_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 300.0  # the longest pause in the upstream's answer; 0 = none
+    session: SessionConfig | None = None  # None: a redemption hands the login to the app (no session)
 
     @property
     def roles_allowed_to_mint(self) -> tuple[str, ...]:
@@ -404,3 +420,27 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{key}.upstream: expected scheme://host[:port][/base/path], got {app.upstream!r}")
         if app.public_url is not None:
             _check_url(f"{key}.public_url", app.public_url, ("http", "https"))
+        if app.session is not None:
+            _validate_session(f"{key}.session", app.session)
+
+
+def _validate_session(key: str, session: SessionConfig) -> None:
+    _positive(f"{key}.max_seconds", session.max_seconds)
+    _positive(f"{key}.idle_seconds", session.idle_seconds)
+    if session.mode not in MODES:
+        raise ConfigError(f"{key}.mode: expected one of {', '.join(MODES)}, got {session.mode!r}")
+    for name, patterns in (("allow", session.allow), ("deny", session.deny)):
+        for i, pattern in enumerate(patterns):
+            try:
+                Rule.parse(pattern)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.{name}[{i}]: {exc}") from None
+    url = session.end_url
+    if url is not None:
+        # A path of the app's host, or an absolute URL; never "//host" (another host, in a path's clothes).
+        parts = urlsplit(url) if url.isprintable() and not any(c.isspace() for c in url) else None
+        path = parts is not None and url.startswith("/") and not url.startswith("//")
+        absolute = parts is not None and parts.scheme in ("http", "https") and bool(parts.netloc)
+        if not (path or absolute):
+            raise ConfigError(f"{key}.end_url: expected an absolute http(s) URL or a path starting with '/' (not "
+                              f"'//'), got {url!r}")  # fmt: skip

@@ -29,7 +29,8 @@ from .directory_reader import DirectoryReader
 from .errors import Forbidden, GrantRefused, Invalid, NotFound, Refusal, StoreUnavailable, Unauthenticated
 from .limits import FailureLimits, redemption_keys
 from .metrics import Metrics
-from .policy import Policy, actor_key
+from .policy import Policy, actor_key, grant_mode
+from .session_rules import MODES as MODES
 from .store import Pair, Store
 
 
@@ -60,6 +61,7 @@ class ImpersonationCommand:
     credential_name: str = "actor"  # which header or field held the credential, for the dialect's errors
     reason: str | None = None  # why the actor impersonates (a ticket, a sentence): audit events and the assertion
     ttl_seconds: int | None = None  # a shorter grant than the app's grant_ttl_seconds (the native API)
+    mode: str | None = None  # one of MODES, asked for by the actor; None: the app's default (its session.mode)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Grant:
     reason: str | None = None
     family: str | None = None  # the id of the mint's first grant, for the further grants of the same mint
     inc: str | None = None  # the incarnation of the subject it was minted for (short: stored with every grant)
+    mode: str | None = None  # the session's mode when not "full" (None: full, and nothing stored)
 
     def bound_values(self) -> dict[str, str]:
         return {name: str(getattr(self, name, None)) for name in self.bound}
@@ -109,6 +112,21 @@ class MintResult:
 # Why an actor impersonates: every dialect's mint request may say it in this header (the native API in a field).
 REASON_HEADER = "X-Impersonation-Reason"
 REASON_MAX = 200
+
+
+# What an impersonation may do (DESIGN §13): every dialect's mint request may ask in this header (the native API in a
+# field) for one of MODES; the app's session.mode is the default and the most it may get.
+MODE_HEADER = "X-Impersonation-Mode"
+
+
+def parse_mode(values: Sequence[str]) -> str | None:
+    """The mode among a request's ``values`` (its mode headers or field): None when absent; Invalid("mode",
+    "value") for several, or for one that is not one of :data:`MODES` (surrounding blanks aside)."""
+    if not values:
+        return None
+    if len(values) > 1 or values[0].strip() not in MODES:
+        raise Invalid("mode", "value")
+    return values[0].strip()
 
 
 def parse_reason(values: Sequence[str]) -> str | None:
@@ -359,8 +377,14 @@ def _new_grant(
         reason=cmd.reason,
         family=family,
         inc=subject.incarnation,
+        mode=_stored_mode(grant_mode(app, cmd.mode)),
     )
     return token, grant
+
+
+def _stored_mode(mode: str) -> str | None:
+    """What a grant keeps of its mode: nothing for "full" (most grants), so their stored JSON stays as it was."""
+    return None if mode == "full" else mode
 
 
 def assertion_claims(grant: Grant) -> dict[str, Any]:

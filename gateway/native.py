@@ -1,9 +1,9 @@
 """The native API: ``POST /v1/grants`` for portals that speak none of the vendors' dialects.
 
 ``Authorization: Bearer <principal credential>`` and a JSON body ``{"app", "subject", "ttl_seconds"?, "reason"?,
-"custom_data"?}`` become the same :class:`~gateway.core.ImpersonationCommand` as a dialect's request (same policy:
-role, reseller subtree, domain), answered ``201 {"grant_id", "token", "login_url", "expires_at"}`` where
-``login_url`` is the app's dialect's own login link. Every error is RFC 9457 problem details
+"custom_data"?, "mode"?}`` become the same :class:`~gateway.core.ImpersonationCommand` as a dialect's request
+(same policy: role, reseller subtree, domain, mode), answered ``201 {"grant_id", "token", "login_url",
+"expires_at"}`` where ``login_url`` is the app's dialect's own login link. Every error is RFC 9457 problem details
 (``application/problem+json``), here and on the admin listener's revocation endpoints.
 """
 
@@ -18,13 +18,13 @@ from aiohttp import web
 from . import body as bodies
 from . import minting
 from .config import AppConfig, Config
-from .core import Gateway, ImpersonationCommand, MintResult, SubjectRef, check_custom_data, parse_reason
+from .core import Gateway, ImpersonationCommand, MintResult, SubjectRef, check_custom_data, parse_mode, parse_reason
 from .dialects import Dialect, bearer, load_json_object, on, render
 from .errors import GatewayError, Invalid, MethodNotAllowed
 
 PATH = "/v1/grants"
 PROBLEM = "application/problem+json"
-FIELDS = ("app", "subject", "ttl_seconds", "reason", "custom_data")
+FIELDS = ("app", "subject", "ttl_seconds", "reason", "custom_data", "mode")
 _TYPE = "urn:impersonation-gateway:problem:"
 
 
@@ -43,6 +43,7 @@ ERRORS = (
        field="reason"),
     on("invalid", "invalid-request", "Invalid request",
        "ttl_seconds: a whole number of seconds from 1 to the app's grant_ttl_seconds", field="ttl_seconds"),
+    on("invalid", "invalid-request", "Invalid request", "mode: one of {modes}", field="mode"),
     on("invalid", "invalid-request", "Invalid request", "app: no app of that name", field="app", reason="value"),
     on("invalid", "invalid-request", "Invalid request", "{field}: required", reason="missing"),
     on("invalid", "invalid-request", "Invalid request", "{field}: at most {custom_data_max} bytes", reason="too_large"),
@@ -52,6 +53,9 @@ ERRORS = (
     on("unauthenticated", "unauthenticated", "Unauthenticated", "the credential is not valid for this app",
        headers=(("WWW-Authenticate", 'Bearer error="invalid_token"'),)),
     on("forbidden", "forbidden", "Forbidden", "this actor's role may not impersonate in this app", reason="role"),
+    on("forbidden", "mode-not-allowed", "Mode not allowed",
+       "mode: more than this app allows (its session's mode; read_only only in an app holding sessions)",
+       reason="mode"),
     on("forbidden", "forbidden", "Forbidden", "the subject is outside this actor's reach"),
     on("not_found", "not-found", "Not found", "the actor's reseller does not exist", what="reseller"),
     on("not_found", "not-found", "Not found", "no active subject has that id", by="id"),
@@ -130,6 +134,9 @@ def command(data: dict[str, Any], credential: str | None, config: Config, dialec
     reason = data.get("reason")
     if reason is not None and not isinstance(reason, str):
         raise Invalid("reason", "value")
+    mode = data.get("mode")
+    if mode is not None and not isinstance(mode, str):
+        raise Invalid("mode", "value")
     return ImpersonationCommand(
         app=app.name,
         dialect=app.dialect,
@@ -141,6 +148,7 @@ def command(data: dict[str, Any], credential: str | None, config: Config, dialec
         credential_name="authorization",
         reason=parse_reason([reason] if reason is not None else []),
         ttl_seconds=ttl,
+        mode=parse_mode([mode] if mode is not None else []),
     )
 
 
@@ -163,7 +171,8 @@ def credential_of(request: web.Request) -> str | None:
 async def mint(
     request: web.Request, config: Config, gateway: Gateway, dialects: dict[str, Dialect], client: str, request_id: str
 ) -> web.Response:
-    """``POST /v1/grants``: 201 with the grant, or problem details (the one mint flow; the reason is a field)."""
+    """``POST /v1/grants``: 201 with the grant, or problem details (the one mint flow; the reason and the mode are
+    fields)."""
     if request.method != "POST":
         return error_problem(MethodNotAllowed(("POST",)))
 
@@ -176,4 +185,4 @@ async def mint(
         return created(result.grant.id, result.token, url, result.grant.expires_at)
 
     return await minting.mint(request, gateway, config.server, request_id, parse, render, error_problem,
-                              reason_header=False, api="native")  # fmt: skip
+                              reason_header=False, mode_header=False, api="native")  # fmt: skip

@@ -54,10 +54,12 @@ from .redemption import refusal_page
 VERSION = "3.1.0"
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 _REASON = {"$ref": "#/components/parameters/ImpersonationReason"}
+_MODE = {"$ref": "#/components/parameters/ImpersonationMode"}  # a dialect's mint (the native API has a field)
 
 # The errors a mint meets, as core and each dialect's ``parse`` raise them; every request body is bounded (408, 413),
 # and a body that is read is decoded (415). Each is rendered with the dialect: the answers are the description.
-_CORE = (Forbidden("role"), Forbidden("scope"), Invalid("reason", "missing"), Invalid("reason", "value"))
+_CORE = (Forbidden("role"), Forbidden("scope"), Forbidden("mode"), Invalid("reason", "missing"),
+         Invalid("reason", "value"), Invalid("mode", "value"))  # fmt: skip
 _LAST = (RateLimited(7), StoreUnavailable(), GatewayError())
 _BOUNDED = (RequestTimeout(5.0), PayloadTooLarge(1024))
 _DECODED = (UnsupportedEncoding("br"),)
@@ -174,7 +176,8 @@ def _dialect_path(
             raise LookupError(f"{dialect.name}: no prose for {key} in gateway/openapi_prose.py")
         operation = prose.pop(key)
         operation["tags"] = [dialect.name, *(["redemption"] if endpoint.kind == "redeem" else [])]
-        operation["parameters"] = _parameters(template, operation.get("parameters", []), endpoint.kind == "mint")
+        headers = [_REASON, _MODE] if endpoint.kind == "mint" else []
+        operation["parameters"] = _parameters(template, operation.get("parameters", []), headers)
         if endpoint.kind == "mint":
             errors = MINT_ERRORS[dialect.name]
             if endpoint.method not in ("GET", "HEAD"):
@@ -196,7 +199,7 @@ def _dialect_path(
 def _native_path(prose: dict[str, Any], responses: dict[str, Any]) -> dict[str, Any]:
     operation = prose.pop(f"POST {native.PATH}")
     operation["tags"] = ["native"]
-    operation["parameters"] = _parameters(native.PATH, operation.get("parameters", []), True)
+    operation["parameters"] = _parameters(native.PATH, operation.get("parameters", []), [_REASON])
     refs = _refs("native", "", MINT_ERRORS["native"], native.error_problem, responses, False)
     operation["responses"] = _merge(operation["responses"], refs)
     item = {"post": _ordered(operation)}
@@ -213,16 +216,16 @@ def _ops_path(path: str, every_host: bool, prose: dict[str, Any]) -> dict[str, A
     return {"get": _ordered(operation)}
 
 
-def _parameters(template: str, declared: list[dict[str, Any]], mint: bool) -> list[dict[str, Any]]:
-    """The reason header (on mints), then the template's path parameters (as the prose gives them, else strings),
-    then the prose's other parameters."""
+def _parameters(template: str, declared: list[dict[str, Any]], headers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``headers`` of the caller's kind (a mint's reason and mode), then the template's path parameters (as the
+    prose gives them, else strings), then the prose's other parameters."""
     names = re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", template)
     by_name = {str(_resolve(p).get("name")): p for p in declared if _resolve(p).get("in") == "path"}
     if set(by_name) - set(names):
         raise LookupError(f"{template}: prose path parameters {sorted(set(by_name) - set(names))} not in the template")
     path = [by_name.get(n, {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}) for n in names]
     rest = [p for p in declared if _resolve(p).get("in") != "path"]
-    return [*([_REASON] if mint else []), *path, *rest]
+    return [*headers, *path, *rest]
 
 
 def _resolve(parameter: dict[str, Any]) -> dict[str, Any]:

@@ -48,7 +48,7 @@ errors:
   GatewayError: An unexpected failure (it is logged).
   Invalid: A field or header is missing or malformed.
   Unauthenticated: The actor's credential is missing or unknown.
-  Forbidden: The actor's role may not mint, or the subject is outside its reach.
+  Forbidden: The actor's role may not mint, the subject is outside its reach, or the mode asked is above the app's.
   NotFound: The subject (or the reseller) does not exist.
   GrantRefused: >-
     The grant is unknown, expired, already used, of another subject or revoked (one answer for all).
@@ -526,6 +526,22 @@ components:
         maxLength: REASON_MAX
         pattern: ^[^\x00-\x1f\x7f]*$
       example: 'ticket 4711: customer cannot see invoices'
+    ImpersonationMode:
+      name: X-Impersonation-Mode
+      in: header
+      required: false
+      description: |
+        What the impersonation may do: `full`, or `read_only` (only GET, HEAD, OPTIONS and the app's
+        `session.allow` patterns reach the app). Left out: the app's `session.mode`, which is also the
+        most a grant may get (asking above it is 403 in the dialect's shape; BTC Direct ER926). An app
+        without `session` accepts `full` only: nothing would hold a read_only impersonation to it. One
+        header, one of the two values, else 400 (BTC Direct ER927).
+      schema:
+        type: string
+        enum:
+        - full
+        - read_only
+      example: read_only
     ResellerId:
       name: reseller_id
       in: path
@@ -567,6 +583,14 @@ components:
           type: string
           maxLength: 200
           description: Why the actor impersonates; required when the app sets `require_reason`.
+        mode:
+          type: string
+          enum:
+          - full
+          - read_only
+          description: What the impersonation may do (as the dialects' `X-Impersonation-Mode` header); left out,
+            the app's `session.mode`, which is also the most it may get (above it, 403). An app without `session`
+            accepts `full` only.
         custom_data:
           description: Any JSON; the assertion's `custom_data` claim.
     NativeGrant:

@@ -1,11 +1,11 @@
 """Who may act as whom: the one place the gateway decides it (DESIGN §5, §11, §12).
 
 A mint asks :meth:`Policy.authorise`: the actor's credential names a principal of the app, whose role may mint,
-with a reason when the app requires one and a lifetime within the app's, acting within its reseller subtree
-and its domain, for an active subject the command names (:meth:`Policy.resolve`). A redemption asks
-:meth:`Policy.still_allowed`: the grant's principal is still there with the same credential and a role that may
-mint, the subject is still there, active, and in the same incarnation (and, when the app supersedes, no newer
-grant of the same actor and subject was minted). Both read the rules below, so they cannot drift apart.
+with a reason when the app requires one, a mode (:func:`grant_mode`) and a lifetime within the app's, acting
+within its reseller subtree and its domain, for an active subject the command names (:meth:`Policy.resolve`). A
+redemption asks :meth:`Policy.still_allowed`: the grant's principal is still there with the same credential and a
+role that may mint, the subject is still there, active, and in the same incarnation (and, when the app supersedes,
+no newer grant of the same actor and subject was minted). Both read the rules below, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .directory import Principal, Subject, credential_hash, identity_candidates,
 from .directory_reader import DirectoryReader
 from .errors import Forbidden, Invalid, NotFound, Refusal, Unauthenticated
 from .limits import FailureLimits, credential_keys
+from .session_rules import MODES
 from .store import Store
 
 if TYPE_CHECKING:
@@ -33,6 +34,24 @@ def actor_key(principal: Principal) -> str:
 def may_mint(app: AppConfig, principal: Principal) -> bool:
     """Whether ``principal``'s role may mint grants in ``app``."""
     return principal.role in app.roles_allowed_to_mint
+
+
+def grant_mode(app: AppConfig, asked: str | None) -> str:
+    """The mode of a grant of ``app`` asked for ``asked`` (one of :data:`~gateway.session_rules.MODES`; None: the
+    app's default). The app's ``session.mode`` is the default and the most a grant may get; an app without
+    ``session`` gives "full" only (nothing would hold a read_only impersonation to it). Forbidden("mode") above that;
+    Invalid("mode", "value") for no mode at all.
+    """
+    if asked is not None and asked not in MODES:
+        raise Invalid("mode", "value")
+    if app.session is None:
+        allowed: tuple[str, ...] = ("full",)
+    else:  # MODES runs from the most a session may do to the least: the app's mode and those below it
+        allowed = MODES[MODES.index(app.session.mode) :]
+    mode = allowed[0] if asked is None else asked
+    if mode not in allowed:
+        raise Forbidden("mode")
+    return mode
 
 
 def in_domain(principal: Principal, subject: Subject) -> bool:
@@ -55,9 +74,10 @@ class Policy:
         """The principal whose credential ``cmd`` carries, and the subject it may act as.
 
         Raises Unauthenticated (no credential, or an unknown one: counted against the failure limits), RateLimited
-        (the client or credential is blocked), Forbidden (``role``, ``scope``), Invalid (reason missing, ttl out of
-        bounds, or see :meth:`resolve`), NotFound (the reseller, or the subject: missing, outside the reseller's
-        subtree, or lacking a value its carrier must bring back) or StoreUnavailable.
+        (the client or credential is blocked), Forbidden (``role``, ``scope``; ``mode``: above the app's), Invalid
+        (reason missing, ttl out of bounds, mode not a mode, or see :meth:`resolve`), NotFound (the reseller, or the
+        subject: missing, outside the reseller's subtree, or lacking a value its carrier must bring back) or
+        StoreUnavailable.
         """
         if cmd.credential is None:
             raise Unauthenticated("missing", cmd.credential_name)
@@ -74,6 +94,7 @@ class Policy:
             raise Invalid("reason", "missing")
         if cmd.ttl_seconds is not None and not 0 < cmd.ttl_seconds <= app.grant_ttl_seconds:
             raise Invalid("ttl_seconds", "value")
+        grant_mode(app, cmd.mode)
         reseller = cmd.reseller
         if principal.reseller is not None or reseller is not None:
             # ActivePlatform: the path reseller must be the principal's or downstream of it, and the

@@ -319,6 +319,8 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "btc-400-ER802": Scenario(400, "GET", BTC, USER_ID),
     "btc-400-ER925": Scenario(400, "GET", BTC, {**PARTNER, **USER_ID, **LONG_REASON}),
+    "btc-400-ER927": Scenario(400, "GET", BTC, {**PARTNER, **USER_ID, "X-Impersonation-Mode": "write"}),
+    "btc-403-ER926": Scenario(403, "GET", BTC, {**PARTNER, **USER_ID, "X-Impersonation-Mode": "read_only"}),
     "btc-400-ER800": Scenario(400, "GET", BTC, {"Authorization": "Bearer guess", **USER_ID}),
     "btc-400-ER805": Scenario(400, "GET", BTC, {"X-Api-Key": "guess", **USER_ID}),
     "btc-400-ER803": Scenario(400, "GET", BTC, {**PARTNER, "X-Api-Key": "k", **USER_ID}),

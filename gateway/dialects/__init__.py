@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy, MultiMapping
 
 from ..config import DIALECTS, AppConfig
-from ..core import CUSTOM_DATA_MAX, REASON_HEADER, REASON_MAX, ImpersonationCommand, MintResult
+from ..core import CUSTOM_DATA_MAX, MODE_HEADER, MODES, REASON_HEADER, REASON_MAX, ImpersonationCommand, MintResult
 from ..errors import GatewayError, MethodNotAllowed, RateLimited, RequestTimeout
 
 
@@ -110,6 +110,8 @@ CONSTANTS: Mapping[str, str | int] = {
     "reason_header": REASON_HEADER,
     "reason_max": REASON_MAX,
     "custom_data_max": CUSTOM_DATA_MAX,
+    "mode_header": MODE_HEADER,
+    "modes": ", ".join(MODES),
 }
 
 

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from ..config import AppConfig
-from ..core import REASON_HEADER, REASON_MAX, ImpersonationCommand, MintResult, SubjectRef
+from ..core import MODE_HEADER, MODES, REASON_HEADER, REASON_MAX, ImpersonationCommand, MintResult, SubjectRef
 from ..errors import Invalid, Unauthenticated
 from . import Carrier, Dialect, Endpoint, HttpRequest, Rule, Where, bearer, error_class, json_response, on
 
@@ -34,8 +34,8 @@ class Entry:
     solution: str
 
 
-# Every code this dialect answers with. ER700-ER999 are the seed's texts, word for word; ER920-ER925
-# are the gateway's own (the seed has no rate-limit, body-size, body-encoding, timeout or reason error).
+# Every code this dialect answers with. ER700-ER999 are the seed's texts, word for word; ER920-ER928
+# are the gateway's own (the seed has no rate-limit, body-size, body-encoding, timeout, reason, mode or method error).
 CATALOGUE: dict[str, Entry] = {
     "ER700": Entry(400, "User authorization token not found.", "Provide a user authorization token."),
     "ER701": Entry(
@@ -93,6 +93,12 @@ CATALOGUE: dict[str, Entry] = {
         "Impersonation reason is invalid.",
         f"Send one {REASON_HEADER} of {REASON_MAX} printable characters at most.",
     ),
+    "ER926": Entry(
+        403,
+        "Impersonation mode not allowed.",
+        f"Ask for the app's mode or a lesser one in the {MODE_HEADER} header, or leave the header out.",
+    ),
+    "ER927": Entry(400, "Impersonation mode is invalid.", f"Send one {MODE_HEADER} header: {' or '.join(MODES)}."),
     "ER928": Entry(405, "Method not allowed.", "Use the method the Allow header names."),
     "ER999": Entry(500, "A general error has occurred. Please contact our support team.", "Contact our support team."),
 }
@@ -143,11 +149,13 @@ class BtcDirect(Dialect):
         answer("ER802", "unauthenticated", reason="missing"),
         answer("ER805", "unauthenticated", credential="api_key"),
         answer("ER800", "unauthenticated"),
+        answer("ER926", "forbidden", reason="mode"),
         # A known credential whose role may not mint (or whose scope excludes the user): the seed has no
         # "forbidden" code, and to BTC Direct such a credential is simply not a valid partner token.
         answer("ER800", "forbidden"),
         answer("ER924", "invalid", field="reason", reason="missing"),
         answer("ER925", "invalid", field="reason"),
+        answer("ER927", "invalid", field="mode"),
         answer("ER703", "invalid", field="identifier", reason="mismatch"),
         answer("ER707", "invalid", field="user_identifier"),
         answer("ER700", "invalid", field="user_authorization", reason="missing"),
