@@ -121,13 +121,15 @@ def _store_ctx(redis: AnyRedis | None) -> Callable[[web.Application], AsyncItera
 
 
 async def _refresh_directory(gateway: Gateway, config: Config, failing: bool) -> None:
-    """Follow directory loads made by any process, reload the file if the store comes back empty, and trim the
-    apps' live grant indexes. A store that stops or starts answering is logged once each time."""
+    """Follow directory loads made by any process, reload the file if the store comes back empty, trim the apps'
+    live grant indexes, and sweep the sessions (:meth:`~gateway.sessions.Sessions.sweep`). A store that stops or
+    starts answering is logged once each time."""
     while True:
         await asyncio.sleep(config.directory.refresh_seconds)
         try:
             await gateway.directory.refresh()
             await gateway.store.trim_live(gateway.directory.apps)  # expired grants out of the live indexes
+            await gateway.sessions.sweep()  # expired sessions audited; those of removed subjects and actors ended
             if failing:
                 log.info("store_available", store=redacted(config.store.url))
             failing = False

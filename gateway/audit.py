@@ -10,14 +10,17 @@ entry of the store's audit stream — and :class:`Audit` is the one place that k
 - ``grant_reused`` (a warning): ``gateway_grants_reused``.
 - ``grant_revoked``: ``gateway_grants_revoked``; a stream entry. ``grants_revoked``: the summary of a revocation.
 - ``credential_rate_limited`` (a warning): a client or credential reached its failure limit.
+- ``session_started`` and ``session_ended`` (with ``why``): a stream entry each. ``session_request`` (method, path
+  without its query, status, duration) and ``session_request_refused``: log lines only (a session's request
+  costs no audit write).
 
-Fields are the actor, subject, app, dialect, client address, grant id and, when given, the reason: never a
-token or credential.
+Fields are the actor, subject, app, dialect, client address, grant id (or session id) and, when given, the reason:
+never a token, credential, cookie or query value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -111,6 +114,41 @@ class Audit:
         """The summary of a revocation of every live grant of ``app`` (of one actor, one subject, or both)."""
         log_event("grants_revoked", {"audit": True, "app": app, "actor": actor, "subject": subject,
                                      "revoked": revoked, "by": by})  # fmt: skip
+
+    # -- sessions ---------------------------------------------------------------------------------------
+    def session_started_entry(self, who: Mapping[str, str], mode: str, client: str) -> dict[str, str]:
+        """The stream entry of a session's start (``who``: its session id, app, actor and subject), which the store
+        writes with the session in one round trip."""
+        return {"event": "session_started", **who, "mode": mode, "client": client}
+
+    def session_started(self, who: Mapping[str, str], mode: str, client: str, request_id: str = "") -> None:
+        log_event("session_started", {"audit": True, **who, "mode": mode, "client": client, **_request(request_id)})
+
+    async def session_ended(self, who: Mapping[str, str], why: str, by: str | None = None) -> None:
+        """A session ended (``why``: ended, max_age, idle, revoked, replaced, subject_inactive, actor_removed);
+        ``by`` names the admin token that ended it. Its stream entry, then its log line; a failed append is logged
+        only (the session has ended either way)."""
+        fields = {**who, "why": why, **({"by": by} if by else {})}
+        try:
+            await self.store.append_audit({"event": "session_ended", **fields})
+        except GatewayError:
+            log.warning("audit_append_failed", event="session_ended", session_id=who.get("session_id"))
+        log_event("session_ended", {"audit": True, **fields})
+
+    def session_request(
+        self, who: Mapping[str, str], method: str, path: str, status: int, duration_ms: float, request_id: str
+    ) -> None:
+        """A request of a session answered (``path`` without its query)."""
+        log_event("session_request", {"audit": True, **who, "method": method,
+                                      "path": path, "status": status, "duration_ms": duration_ms,
+                                      **_request(request_id)})  # fmt: skip
+
+    def session_request_refused(
+        self, who: Mapping[str, str], method: str, path: str, reason: str, request_id: str
+    ) -> None:
+        """A request of a session its mode or the app's ``deny`` patterns refused (it never reached the app)."""
+        log_event("session_request_refused", {"audit": True, **who, "method": method,
+                                              "path": path, "reason": reason, **_request(request_id)})  # fmt: skip
 
 
 def error_reason(error: GatewayError) -> str:

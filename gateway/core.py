@@ -31,6 +31,7 @@ from .limits import FailureLimits, redemption_keys
 from .metrics import Metrics
 from .policy import Policy, actor_key, grant_mode
 from .session_rules import MODES as MODES
+from .sessions import Sessions
 from .store import Pair, Store
 
 
@@ -213,6 +214,7 @@ class Gateway:
         self.audit = Audit(store, metrics)
         self.limits = FailureLimits(config.rate_limit, store, self.audit)
         self.policy = Policy(self.directory, store, self.limits)
+        self.sessions = Sessions(config, store, signer, self.audit, self.directory)
 
     # -- minting ------------------------------------------------------------------------------------
     async def mint(self, cmd: ImpersonationCommand, request_id: str = "") -> MintResult:
@@ -403,3 +405,9 @@ def assertion_claims(grant: Grant) -> dict[str, Any]:
         if value is not None:
             found[key] = value
     return found
+
+
+def session_claims(grant: Grant, session_id: str, mode: str, jti: str) -> dict[str, Any]:
+    """The claims of the assertion a request of a session carries (DESIGN §13): those of :func:`assertion_claims`
+    plus ``sid`` and ``mode``, with the request's own ``jti``."""
+    return {**assertion_claims(grant), "jti": jti, "sid": session_id, "mode": mode}

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -68,6 +68,9 @@ FORWARDING = (
 _FORWARDING = frozenset(name.lower() for name in FORWARDING)
 _REFUSAL_DROPS = HOP_BY_HOP | {"content-length", "content-encoding"}  # the relayed refusal has no body
 _WS_HANDSHAKE = ("sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "sec-websocket-extensions")
+# What becomes of an answer's Set-Cookie headers (an impersonation session keeps the app's HttpOnly ones, and sets or
+# clears its own): given the answer's values, the values the client gets. It runs before any of the answer is relayed.
+CookieFilter = Callable[[list[str]], Awaitable[list[str]]]
 _UNSENDABLE_CLOSE = {0: 1000, 1005: 1000, 1006: 1011, 1015: 1011}  # close codes no close frame may carry
 
 
@@ -193,10 +196,12 @@ class Proxy:
         expire_cookies: Iterable[str] = (),
         prefix: bytes = b"",
         held: Held | None = None,
+        cookies: CookieFilter | None = None,
     ) -> web.StreamResponse:
         """Send the request to ``upstream`` (on ``held`` first, when given) and stream its answer back (502
         unreachable or garbled, 504 too slow). A StreamReader ``body`` streams after ``prefix``, the part of it
-        already read. A request carrying the assertion never has it echoed back (see the module docstring)."""
+        already read. A request carrying the assertion never has it echoed back (see the module docstring).
+        ``cookies`` decides which Set-Cookie headers of the answer the client gets."""
         stalled = [False]
         data = bodies.stream(body, self.body_timeout, stalled, prefix) if isinstance(body, StreamReader) else body
         pool = self.http.pool(upstream.host, upstream.port, upstream.scheme == "https")
@@ -205,7 +210,7 @@ class Proxy:
                 pool, method or request.method, upstream.target(raw_path, query), upstream.authority, headers, data,
                 connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout, held=held,
             ) as answer:  # fmt: skip
-                return await _relay(request, answer, expire_cookies, headers.get(ASSERTION_HEADER))
+                return await _relay(request, answer, expire_cookies, headers.get(ASSERTION_HEADER), cookies)
         except (aiohttp.ClientError, OSError, ValueError, HttpProcessingError) as exc:  # TimeoutError is an OSError
             if request.get(STREAMING):  # the answer has begun: all that is left is to cut the connection
                 raise
@@ -227,9 +232,10 @@ class Proxy:
         query: str,
         headers: CIMultiDict[str],
         slot: Slot | None = None,
+        cookies: CookieFilter | None = None,
     ) -> web.StreamResponse:
         """Bridge a WebSocket (in ``slot``, when one was held for it): the app's handshake first (its refusal is
-        relayed as is), then every message."""
+        relayed as is), then every message. ``cookies`` filters the handshake answer's Set-Cookie headers."""
         if slot is None:
             try:
                 async with asyncio.timeout(upstream.connect_timeout):
@@ -239,13 +245,14 @@ class Proxy:
                 log.warning("upstream_unreachable", upstream=upstream.authority, error="UpstreamTimeout")
                 return _plain(504, "The upstream application did not accept the WebSocket.\n")
         try:
-            return await self._bridge(request, upstream, raw_path, query, headers)
+            return await self._bridge(request, upstream, raw_path, query, headers, cookies)
         finally:
             slot.release()
 
     async def _bridge(
-        self, request: web.Request, upstream: Upstream, raw_path: str, query: str, headers: CIMultiDict[str]
-    ) -> web.StreamResponse:
+        self, request: web.Request, upstream: Upstream, raw_path: str, query: str, headers: CIMultiDict[str],
+        cookies: CookieFilter | None,
+    ) -> web.StreamResponse:  # fmt: skip
         protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in v.split(",")]
         for name in _WS_HANDSHAKE:
             headers.popall(name, None)
@@ -276,7 +283,10 @@ class Proxy:
             max_msg_size=0, compress=False,
         )  # fmt: skip
         answer: CIMultiDictProxy[str] | None = getattr(getattr(app_ws, "_response", None), "headers", None)
-        for value in answer.getall("Set-Cookie", ()) if answer is not None else ():
+        set_cookies = list(answer.getall("Set-Cookie", ())) if answer is not None else []
+        if cookies is not None:
+            set_cookies = await cookies(set_cookies)
+        for value in set_cookies:
             client_ws.headers.add("Set-Cookie", value)
         try:
             await client_ws.prepare(request)
@@ -303,15 +313,20 @@ class Slot:
 
 
 async def _relay(
-    request: web.Request, answer: Answer, expire_cookies: Iterable[str], assertion: str | None
-) -> web.StreamResponse:
+    request: web.Request, answer: Answer, expire_cookies: Iterable[str], assertion: str | None,
+    cookies: CookieFilter | None = None,
+) -> web.StreamResponse:  # fmt: skip
     length = answer.content_length
     small = length is not None and length <= BUFFER_LIMIT and request.method != "HEAD"
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in answer.headers.items():
         lower = name.lower()
-        if lower not in HOP_BY_HOP and not (small and lower == "content-length"):
+        kept_back = cookies is not None and lower == "set-cookie"  # the filter's values are added below
+        if lower not in HOP_BY_HOP and not (small and lower == "content-length") and not kept_back:
             headers.add(name, value)
+    if cookies is not None:
+        for value in await cookies(list(answer.headers.getall("Set-Cookie", ()))):
+            headers.add("Set-Cookie", value)
     # The assertion's signature is what makes it a credential: an answer must not hand it to the client.
     secret = assertion.rpartition(".")[2].encode() if assertion else None
     # A small answer of known length goes back in one write; anything else streams as it comes.

@@ -15,14 +15,21 @@ Which methods may use which carrier:
 
 A redeemed request reaches the app with its carriers removed and the signed assertion added. No grant ever
 reaches an app: a live one is removed wherever it sits, a spent or unknown one is refused.
+
+On a route with an app that holds sessions (DESIGN §13, :mod:`gateway.sessions`), a redemption of that app
+starts one, and a request carrying the session cookie (and no grant) is a request of the session: checked
+against its mode, and forwarded with a fresh assertion and the app's kept cookies. The session cookie never
+reaches an app. ``/_impersonation/end`` and ``/_impersonation/session`` are the gateway's on such routes.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import html
+import time
 from collections.abc import Collection, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import structlog
 from aiohttp import StreamReader, web
@@ -32,12 +39,15 @@ from yarl import URL
 from . import body as bodies
 from .carriers import Carriers, Found, query_pairs, strip_body, strip_cookies, strip_headers, strip_query
 from .config import AppConfig, Config
-from .core import Gateway
+from .core import Gateway, Grant
 from .dialects import Dialect, Where
-from .errors import GatewayError, GrantRefused, RequestTimeout
+from .errors import GatewayError, GrantRefused, RequestTimeout, StoreUnavailable
 from .logging import REQUEST_ID, bind_request, unexpected
-from .proxy import ASSERTION_HEADER, Proxy, Slot, Upstream
+from .native import problem
+from .proxy import ASSERTION_HEADER, CookieFilter, Proxy, Slot, Upstream
 from .routing import Route, Target
+from .session_rules import permitted
+from .sessions import END_PATH, INFO_PATH, Session, cookie_name, expire_cookie, set_cookie
 from .upstream import Held
 
 log = structlog.get_logger("gateway")
@@ -66,6 +76,19 @@ _CONFIRM_PAGE = (
 _SAFE = ("HEAD", "OPTIONS")  # never consume a grant
 
 
+@dataclass(frozen=True)
+class SessionRoute:
+    """A request on a route with apps that hold sessions: those apps, the session cookie names they use, and the
+    session cookie the request carries (its name and value), if any."""
+
+    apps: tuple[AppConfig, ...]
+    names: frozenset[str]
+    cookie: tuple[str, str] | None
+
+
+SESSION_ROUTE = web.RequestKey("session_route", SessionRoute)
+
+
 class Redeemer:
     """Handles every request to an app path that is not a mint or info endpoint."""
 
@@ -76,6 +99,8 @@ class Redeemer:
         self.dialects = dialects
         self.upstreams = {app.name: Upstream.of(app) for app in config.apps}
         self._carriers: dict[tuple[str, ...], Carriers] = {}
+        self.sessions = gateway.sessions
+        self._cookie_names = {app.name: cookie_name(config.public_url_of(app)) for app in config.apps}
 
     def carriers(self, apps: Sequence[AppConfig]) -> Carriers:
         """The carriers a request on a route with ``apps`` is searched for: those apps' own, and every other app's
@@ -101,6 +126,14 @@ class Redeemer:
             response = web.Response(status=400, text="Bad Request: a WebSocket handshake has no body.\n")
             response.force_close()
             return response
+        held_apps = tuple(a for a in route.apps if a.session is not None)
+        if held_apps:  # a route with apps that hold sessions: their cookie, and the gateway's own two paths
+            names = frozenset(self._cookie_names[a.name] for a in held_apps)
+            cookie = next(((n, request.cookies[n]) for n in sorted(names) if n in request.cookies), None)
+            request[SESSION_ROUTE] = session_route = SessionRoute(held_apps, names, cookie)
+            if route.path(target) in (END_PATH, INFO_PATH):
+                request[KIND] = "session"
+                return await self._session_endpoint(request, route.path(target), session_route)
         carriers = self.carriers(route.apps)
         method, path = request.method, route.path(target)
         server = self.config.server
@@ -115,6 +148,8 @@ class Redeemer:
         found = carriers.find(target.query, request.headers, method, path, decoded)
         if not found:
             request[KIND] = "pass"
+            if held_apps and session_route.cookie is not None:
+                return await self._in_session(request, target, route, raw_body, session_route)
             return await self._forward(request, target, route, route.apps[0], raw_body, self.proxy.headers(request))
         request[KIND] = "redeem"
         request_id = request[REQUEST_ID]
@@ -205,20 +240,26 @@ class Redeemer:
         query = _strip(headers, target.query, found, tokens)
         headers[ASSERTION_HEADER] = redemption.assertion
         app = self.config.app(redemption.app)
+        cookies: CookieFilter | None = None
+        if app.session is not None:  # the redemption starts a session: its first request
+            try:
+                cookies = await self._start(request, app, redemption.grant, client, headers)
+            except StoreUnavailable as exc:
+                return self.dialects[app.dialect].error_response(exc)
         connection = held.pop(self.upstreams[app.name], None)
         body_fields = {n for f in found if f.carrier.where is Where.BODY for n in f.carrier.fields}
         if confirm:  # the original GET of the link, not the confirming POST
             for name in ("Content-Type", "Content-Length", "Content-Encoding"):
                 headers.popall(name, None)
             return await self._forward(request, target, route, app, None, headers, query=query, method="GET",
-                                       held=connection)  # fmt: skip
+                                       held=connection, cookies=cookies)  # fmt: skip
         if body_fields and decoded is not None:  # the body loses its carrier (and is sent decoded)
             body = strip_body(decoded, body_fields)
             for name in ("Content-Length", "Content-Encoding"):
                 headers.popall(name, None)
-        cookies = {f.carrier.name for f in found if f.carrier.where is Where.COOKIE and f.offer.token in tokens}
-        return await self._forward(request, target, route, app, body, headers, query=query, expire=cookies,
-                                   prefix=prefix, held=connection)  # fmt: skip
+        expire = {f.carrier.name for f in found if f.carrier.where is Where.COOKIE and f.offer.token in tokens}
+        return await self._forward(request, target, route, app, body, headers, query=query, expire=expire,
+                                   prefix=prefix, held=connection, cookies=cookies)  # fmt: skip
 
     def _cross_site(self, request: web.Request, app: AppConfig) -> bool:
         """Whether a POST says it comes from another site: a login link posted by someone else's page would log
@@ -260,12 +301,16 @@ class Redeemer:
         expire: Collection[str] = (),
         prefix: bytes = b"",
         held: Held | Slot | None = None,
+        cookies: CookieFilter | None = None,
     ) -> web.StreamResponse:
         upstream = self.upstreams[app.name]
         raw_path, query = route.raw_path(target), target.query if query is None else query
+        session_route = request.get(SESSION_ROUTE)
+        if session_route is not None and session_route.cookie is not None:  # the session cookie never reaches an app
+            _drop_cookies(headers, session_route.names)
         if _is_websocket(request):
             slot = held if isinstance(held, Slot) else None
-            return await self.proxy.bridge(request, upstream, raw_path, query, headers, slot)
+            return await self.proxy.bridge(request, upstream, raw_path, query, headers, slot, cookies)
         if body is None and method is None and request.body_exists:
             read = await self._read_body(request)
             if isinstance(read, web.Response):
@@ -273,7 +318,174 @@ class Redeemer:
             body, prefix = read
         return await self.proxy.forward(request, upstream, raw_path, query, headers, body, method=method,
                                         expire_cookies=expire, prefix=prefix,
-                                        held=held if isinstance(held, Held) else None)  # fmt: skip
+                                        held=held if isinstance(held, Held) else None, cookies=cookies)  # fmt: skip
+
+    # -- sessions -------------------------------------------------------------------------------------
+    async def _start(
+        self, request: web.Request, app: AppConfig, grant: Grant, client: str, headers: CIMultiDict[str]
+    ) -> CookieFilter:
+        """Start a session of ``grant`` (ending the one the request carries: ``replaced``); ``headers`` get its
+        assertion and lose the session cookie; the answer's cookies filter keeps the app's and sets the session's.
+        Raises StoreUnavailable."""
+        session_route = request.get(SESSION_ROUTE)
+        if session_route is not None and session_route.cookie is not None:
+            await self.sessions.end_cookie(session_route.cookie[1], "replaced")
+        value, session = await self.sessions.start(app, grant, grant.mode or "full", client, request[REQUEST_ID])
+        headers[ASSERTION_HEADER] = self.sessions.assertion(session, jti=grant.id)
+        name = self._cookie_names[app.name]
+        return self._keeper(session, [set_cookie(name, value, secure=name.startswith("__Host-"))])
+
+    def _keeper(self, session: Session, extra: Sequence[str] = ()) -> CookieFilter:
+        """The filter of a session's answer: its HttpOnly cookies kept in the session, ``extra`` added."""
+
+        async def keep(values: list[str]) -> list[str]:
+            return [*await self.sessions.keep(session, values), *extra]
+
+        return keep
+
+    async def _in_session(
+        self, request: web.Request, target: Target, route: Route, raw_body: bytes | None, session_route: SessionRoute
+    ) -> web.StreamResponse:
+        """A request carrying a session cookie and no grant: a request of its session when that is live and of one
+        of the route's apps; else a plain request (whose answer clears a cookie naming no live session)."""
+        assert session_route.cookie is not None
+        name, value = session_route.cookie
+        try:
+            resumed = await self.sessions.resume(value, [a.name for a in session_route.apps])
+        except StoreUnavailable:
+            return web.Response(status=503, text="Service Unavailable: the session store does not answer.\n")
+        if resumed.state == "live" and resumed.session is not None:
+            request[KIND] = "session"
+            return await self._session_request(request, target, route, raw_body, resumed.session, session_route)
+        headers = self.proxy.headers(request)
+        cookies = None
+        if resumed.state != "other_app":  # a session of another app is left alone
+            clear = set_cookie(name, "", secure=name.startswith("__Host-"), clear=True)
+
+            async def cookies(values: list[str]) -> list[str]:
+                return [*values, clear]
+
+        return await self._forward(request, target, route, route.apps[0], raw_body, headers, cookies=cookies)
+
+    async def _session_request(
+        self, request: web.Request, target: Target, route: Route, raw_body: bytes | None, session: Session,
+        session_route: SessionRoute,
+    ) -> web.StreamResponse:  # fmt: skip
+        """A request of a live ``session``: refused when its mode or the app's deny patterns say so, else forwarded
+        to the session's app with a fresh assertion and the kept cookies."""
+        app = self.config.app(session.app)
+        assert app.session is not None
+        method, path = request.method, route.path(target)
+        request_id = request[REQUEST_ID]
+        refusal = permitted(app.session, session.mode, method, path, _is_websocket(request))
+        if refusal is not None:
+            self.gateway.audit.session_request_refused(session.who, method, path, refusal, request_id)
+            return session_refusal(request, refusal)
+        started = time.perf_counter()
+        headers = self.proxy.headers(request)
+        cookie = self.sessions.cookie_header(session, headers.popall("Cookie", ()), session_route.names)
+        if cookie is not None:
+            headers["Cookie"] = cookie
+        headers[ASSERTION_HEADER] = self.sessions.assertion(session)
+        status = 500
+        try:
+            response = await self._forward(request, target, route, app, raw_body, headers,
+                                           cookies=self._keeper(session))  # fmt: skip
+            status = response.status
+            return response
+        finally:
+            duration = round((time.perf_counter() - started) * 1000, 2)
+            self.gateway.audit.session_request(session.who, method, path, status, duration, request_id)
+
+    async def _session_endpoint(self, request: web.Request, path: str, session_route: SessionRoute) -> web.Response:
+        """``GET /_impersonation/session`` (the live session, or 401) and ``POST /_impersonation/end``."""
+        allowed = ("GET", "HEAD") if path == INFO_PATH else ("POST",)
+        if request.method not in allowed:
+            return problem(405, "method-not-allowed", "Method not allowed", "see Allow", Allow=", ".join(allowed))
+        if path == END_PATH and not self._same_origin(request, session_route):
+            return problem(403, "forbidden", "Forbidden", "ending a session takes a POST from the app's own origin")
+        session = None
+        state = "unknown"
+        if session_route.cookie is not None:
+            try:
+                resumed = await self.sessions.resume(session_route.cookie[1], [a.name for a in session_route.apps])
+                state, session = resumed.state, resumed.session if resumed.state == "live" else None
+                if path == END_PATH and session is not None:
+                    await self.sessions.end(session.id, "ended")
+            except StoreUnavailable:
+                return problem(503, "unavailable", "Service unavailable", "the session store does not answer")
+        if path == INFO_PATH:
+            if session is not None:
+                return web.json_response(session.describe(), headers={"Cache-Control": "no-store"})
+            response = problem(401, "unauthenticated", "Unauthenticated", "no live impersonation session")
+        else:
+            app = self.config.app(session.app) if session is not None else session_route.apps[0]
+            assert app.session is not None
+            response = _ended_page(app.session.end_url)
+            for name, cookie_path, domain in session.passed if session is not None else ():
+                response.headers.add("Set-Cookie", expire_cookie(name, cookie_path, domain))
+        if session_route.cookie is not None and state != "other_app":
+            name = session_route.cookie[0]
+            response.headers.add("Set-Cookie", set_cookie(name, "", secure=name.startswith("__Host-"), clear=True))
+        return response
+
+    def _same_origin(self, request: web.Request, session_route: SessionRoute) -> bool:
+        """Whether a POST to end a session has no Origin, or the request's own or one of the apps' public URL's."""
+        origins = request.headers.getall("Origin", [])
+        own = {f"{request.scheme}://{request.host}".lower()}
+        own |= {_origin(self.config.public_url_of(a)) for a in session_route.apps}
+        return all(o.strip().lower() in own for o in origins)
+
+
+def _drop_cookies(headers: CIMultiDict[str], names: Collection[str]) -> None:
+    """Remove the cookies ``names`` from the ``Cookie`` headers (left as they are when they hold none)."""
+    values = headers.getall("Cookie", [])
+    pairs = [p.strip() for v in values for p in v.split(";") if p.strip()]
+    kept = [p for p in pairs if p.partition("=")[0].strip() not in names]
+    if len(kept) != len(pairs):
+        headers.popall("Cookie")
+        if kept:
+            headers["Cookie"] = "; ".join(kept)
+
+
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def _page(status: int, title: str, text: str) -> web.Response:
+    body = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title>'
+        f"{_STYLE}</head><body><h1>{html.escape(title)}</h1><p>{html.escape(text)}</p></body></html>"
+    )
+    return web.Response(status=status, text=body, content_type="text/html", charset="utf-8", headers=_PAGE_HEADERS)
+
+
+def _ended_page(end_url: str | None) -> web.Response:
+    """The answer to ``POST /_impersonation/end``: 303 to the app's ``end_url``, else a small page."""
+    if end_url:
+        return web.Response(status=303, headers={"Location": end_url, "Cache-Control": "no-store"})
+    return _page(200, "Impersonation ended", "The impersonation session has ended. You can close this tab.")
+
+
+_SESSION_REFUSALS = {
+    "read_only": "This impersonation session is read-only: it may not change anything here.",
+    "denied": "Impersonation sessions may not use this page.",
+}
+
+
+def session_refusal(request: web.Request, reason: str) -> web.Response:
+    """A request of a session its mode (``read_only``) or a deny pattern (``denied``) refuses: 403, a page for a
+    browser, else problem details."""
+    text = _SESSION_REFUSALS.get(reason, "This impersonation session may not do this.")
+    if prefers_html(request.headers.get("Accept", "")):
+        return _page(403, "Not allowed while impersonating", text)
+    kind = "session-read-only" if reason == "read_only" else "session-denied"
+    return problem(403, kind, "Forbidden", text)
 
 
 def _release(held: dict[Upstream, Held | Slot]) -> None:

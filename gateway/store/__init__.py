@@ -5,7 +5,8 @@
 - :mod:`~gateway.store.keys`: every key, built from the prefix (the key table is there);
 - :mod:`~gateway.store.grants`: grants, their tombstones and each app's live index (mint, redeem, revoke);
 - :mod:`~gateway.store.directory`: directory generations, subject reads and writes, bulk loads;
-- :mod:`~gateway.store.events`: the audit stream and the failed-credential counters.
+- :mod:`~gateway.store.events`: the audit stream and the failed-credential counters;
+- :mod:`~gateway.store.sessions`: impersonation sessions and each app's session index.
 
 :class:`Store` puts the parts together over one connection and offers each part's operations under their
 own names, so callers hold one object. Only this package touches the Redis client.
@@ -19,6 +20,7 @@ from .directory import LEASE_MS, Contended, DirectoryStore, LoadSummary, LoadUnd
 from .events import EventStore
 from .grants import Consumed, GrantStore, Pair
 from .keys import Keys
+from .sessions import Resumed, SessionStore
 
 __all__ = [
     "AnyRedis",
@@ -27,6 +29,7 @@ __all__ = [
     "LoadSummary",
     "LoadUnderWay",
     "Pair",
+    "Resumed",
     "Store",
     "connect",
     "redacted",
@@ -50,6 +53,7 @@ class Store:
         self.event_store = events = EventStore(connection, keys)
         self.grant_store = grants = GrantStore(connection, keys, events)
         self.directory_store = directory = DirectoryStore(connection, keys, lease_ms=lease_ms)
+        self.session_store = SessionStore(connection, keys, events)
 
         self.ping = connection.ping
         self.close = connection.close

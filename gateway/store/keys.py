@@ -14,6 +14,8 @@ Keys (all under the prefix; ``{...}`` is a Redis Cluster hash tag)::
     {dir:<app>}:<gen>:x:<kind>:<value>  ids of the subjects a look-up finds (set)    SADD, SUNION
     audit                               bounded stream of mint/redeem events         XADD MAXLEN ~
     fail:<kind>:<fingerprint>           failed-credential counters                   INCR + EXPIRE
+    session:{<session id>}              an impersonation session, hash, PX <= cap     HSET / one script per request
+    {sessions:<app>}:index              the app's sessions: id -> who and when        HSET, HSCAN, HDEL (admin, sweep)
 
 A grant and its tombstone share a hash tag, so the redeem script touches one slot. All of an app's directory
 keys share the app's tag (:meth:`Keys.directory_tag`): the directory scripts build the keys of a generation from
@@ -78,6 +80,13 @@ class Keys:
 
     def index(self, app: str, generation: str, kind: str, value: str) -> str:
         return self.generation_prefix(app, generation) + f"x:{kind}:{value}"
+
+    # -- sessions -------------------------------------------------------------------------------------
+    def session(self, session_id: str) -> str:
+        return f"{self.prefix}session:{{{session_id}}}"
+
+    def session_index(self, app: str) -> str:
+        return f"{self.prefix}{{sessions:{app}}}:index"
 
     # -- events ---------------------------------------------------------------------------------------
     @property
