@@ -5,7 +5,10 @@ every credential): a missing or unknown token is 401, a token without the scope 
 
 - ``/scim/v2/{app}/...`` (scope ``scim``, :mod:`gateway.scim`), answering errors in SCIM's shape;
 - ``DELETE /v1/grants/{grant_id}`` and ``POST /v1/revocations`` (scope ``revoke``), answering errors as RFC 9457
-  problem details: a revoked grant gets the ordinary refusal at redemption.
+  problem details: a revoked grant gets the ordinary refusal at redemption; a revocation also ends the matching
+  impersonation sessions;
+- ``GET /v1/sessions?app=&actor=&subject=`` and ``DELETE /v1/sessions/{session_id}`` (scope ``revoke``): the live
+  impersonation sessions, and ending one (its next request, on any process, is a plain one).
 
 Every answer, an error too, is in one of those two shapes, and every request gets one ``request`` log line. Bodies
 are read like the data path's (:mod:`gateway.body`): bounded in size and in time, decoded once, by the gateway.
@@ -27,6 +30,7 @@ from .errors import GatewayError
 from .logging import log_request, loggable_path, unexpected
 from .native import an_id, app_of, error_problem, only, problem, read_json
 from .scim import Handler, Users, error_response, scim_errors
+from .sessions import SESSION_ID_SHAPE
 
 log = structlog.get_logger("gateway")
 
@@ -98,6 +102,7 @@ def create_admin_app(config: Config, gateway: Gateway) -> web.Application:
     app = web.Application(middlewares=[authorised, errors], handler_args={"auto_decompress": False})
     app.add_routes(Users(config, gateway).routes())
     app.add_routes(Revocations(config, gateway).routes())
+    app.add_routes(Sessions(config, gateway).routes())
     return app
 
 
@@ -124,4 +129,40 @@ class Revocations:
         app = app_of(data, self.config)
         actor, subject = an_id(data, "actor"), an_id(data, "subject")
         revoked = await self.gateway.revoke(app.name, request[TOKEN], actor=actor, subject=subject)
-        return web.Response(body=orjson.dumps({"revoked": revoked}), content_type="application/json")
+        body = {"revoked": revoked}
+        if app.session is not None:  # an app without sessions answers as it always has
+            body["sessions_ended"] = await self.gateway.sessions.end_matching(app.name, "revoked", request[TOKEN],
+                                                                              actor, subject)  # fmt: skip
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+class Sessions:
+    """``GET /v1/sessions?app=&actor=&subject=`` (every filter optional): the live sessions. ``DELETE
+    /v1/sessions/{session_id}``: end one (204; 404 when none is live)."""
+
+    def __init__(self, config: Config, gateway: Gateway) -> None:
+        self.config = config
+        self.gateway = gateway
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/v1/sessions", self.list), web.delete("/v1/sessions/{session_id}", self.end)]
+
+    async def list(self, request: web.Request) -> web.Response:
+        query = request.query
+        unknown = sorted(set(query) - {"app", "actor", "subject"})
+        if unknown:
+            return problem(400, "invalid-request", "Invalid request", f"{unknown[0]}: not a filter of this list")
+        app = query.get("app")
+        if app is not None and app not in {a.name for a in self.config.apps}:
+            return problem(404, "not-found", "Not found", "no such app")
+        found = await self.gateway.sessions.listed(app, query.get("actor"), query.get("subject"))
+        return web.Response(body=orjson.dumps({"sessions": found}), content_type="application/json")
+
+    async def end(self, request: web.Request) -> web.Response:
+        session_id = request.match_info["session_id"]
+        ended = None
+        if SESSION_ID_SHAPE.fullmatch(session_id):
+            ended = await self.gateway.sessions.end(session_id, "revoked", by=request[TOKEN])
+        if ended is None:
+            return problem(404, "not-found", "Not found", "no live session has that id")
+        return web.Response(status=204)

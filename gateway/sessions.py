@@ -47,6 +47,7 @@ END_PATH = "/_impersonation/end"
 INFO_PATH = "/_impersonation/session"
 COOKIE_BYTES = 24
 COOKIE_SHAPE = re.compile(r"[A-Za-z0-9_-]{32}")
+SESSION_ID_SHAPE = re.compile(r"[A-Za-z0-9_-]{16}")
 KEPT = "k:"  # a kept cookie's field in the session's hash
 PASSED = "b:"  # a cookie that passed to the browser
 
