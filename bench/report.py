@@ -1,12 +1,18 @@
-"""The figures of one run: the ratios and targets, the table on stdout and ``bench-results.json``."""
+"""The figures of one run: the ratios and targets, the table on stdout and ``bench-results.json``.
+
+Every case of a pair (a case and the floor it is compared with) is measured once per round, the floor and
+the case back to back; a ratio is the median of its per-round ratios, with their min and max as its spread,
+and a case's req/s, p50 and p99 are the medians of its rounds.
+"""
 
 from __future__ import annotations
 
 import os
 import platform
 import shutil
+import statistics
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +35,7 @@ CASES = {
     "nginx_proxy": "nginx alone",
     "edge_passthrough": "edge pass",
     "edge_redeem": "edge redeem",
+    "mint_1k_subjects": "mint 1k subj.",
     "mint_1m_subjects": "mint 1M subj.",
 }
 INVALID_SHARE = 0.01  # a case with more failed requests than this measured something else: exit status 1
@@ -47,6 +54,51 @@ class GatewayRun:
 
     def per_request(self, count: int) -> float | None:
         return round(count / self.served, 4) if self.served else None
+
+    @staticmethod
+    def merged(runs: Sequence[GatewayRun]) -> GatewayRun:
+        """The rounds' counts added up (``load`` is the last round's): per-request figures over every round."""
+
+        def added(dicts: list[dict[str, int]]) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for counts in dicts:
+                for name, n in counts.items():
+                    out[name] = out.get(name, 0) + n
+            return out
+
+        return GatewayRun(
+            load=runs[-1].load,
+            served=sum(r.served for r in runs),
+            round_trips=added([r.round_trips for r in runs]),
+            commands=added([r.commands for r in runs]),
+            upstream_requests=sum(r.upstream_requests for r in runs),
+            upstream_assertions=sum(r.upstream_assertions for r in runs),
+        )
+
+
+def _rps(load: Load) -> float:
+    return load.rps
+
+
+def _p99(load: Load) -> float:
+    return load.p99_ms
+
+
+# The ratios: name -> (case, the case it is divided by, the figure). Both cases are measured in the same
+# rounds (run.py's groups), so round i of one is compared with round i of the other.
+RATIOS: dict[str, tuple[str, str, Callable[[Load], float]]] = {
+    "mint_ratio": ("mint", "floor_mint", _rps),
+    "redeem_ratio": ("redeem", "floor_redeem", _rps),
+    "passthrough_ratio": ("passthrough", "floor_proxy", _rps),
+    "edge_passthrough_ratio": ("edge_passthrough", "nginx_proxy", _rps),
+    "workers2_scaling": ("mint_workers2", "mint", _rps),
+    "mint_p99_ratio": ("mint", "floor_mint", _p99),
+    "redeem_p99_ratio": ("redeem", "floor_redeem", _p99),
+    "passthrough_p99_ratio": ("passthrough", "floor_proxy", _p99),
+    "edge_passthrough_p99_ratio": ("edge_passthrough", "nginx_proxy", _p99),
+    # The directory case runs once: mint with 1k subjects, then with 1M, on one gateway (one round).
+    "mint_1m_subjects_ratio": ("mint_1m_subjects", "mint_1k_subjects", _rps),
+}
 
 
 @dataclass(frozen=True)
@@ -91,63 +143,65 @@ def _version(command: list[str]) -> str:
 class Figures:
     duration_s: int
     warmup_s: int
+    rounds: int = 1
     date: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    loads: dict[str, Load] = field(default_factory=dict)
-    gateway_runs: dict[str, GatewayRun] = field(default_factory=dict)
+    loads: dict[str, list[Load]] = field(default_factory=dict)  # every round's, in order
+    gateway_runs: dict[str, list[GatewayRun]] = field(default_factory=dict)
     redis_bytes_per_grant: float | None = None
     redis_bytes_per_tombstone: float | None = None
     redis_bytes_per_index_entry: float | None = None  # included in redis_bytes_per_grant
     rss_mb_at_start: float | None = None
     rss_marks: dict[int, tuple[int, float]] = field(default_factory=dict)  # mark -> (mints served, RSS MB)
-    edge_passthrough_gateway_requests: int | None = None  # what the gateway counted of the edge pass-through run
+    edge_passthrough_gateway_requests: int | None = None  # what the gateway counted of the edge pass-through runs
     directory: dict[str, float] = field(default_factory=dict)  # the directory case's figures, by name
 
     def add(self, case: str, load: Load) -> Load:
-        self.loads[case] = load
+        self.loads.setdefault(case, []).append(load)
         return load
 
     def add_gateway(self, case: str, run: GatewayRun) -> None:
         self.add(case, run.load)
-        self.gateway_runs[case] = run
+        self.gateway_runs.setdefault(case, []).append(run)
 
     # What a case not chosen in this run (BENCH_CASES) is taken to reach, where another case sizes its load by it.
     UNMEASURED_RPS = 10_000.0
 
     def rps(self, case: str) -> float:
-        return self.loads[case].rps if case in self.loads else self.UNMEASURED_RPS
+        """The highest rate ``case`` reached so far: what another case sizes its load (its tokens) by."""
+        return max(load.rps for load in self.loads[case]) if case in self.loads else self.UNMEASURED_RPS
 
     # -- derived figures ----------------------------------------------------------------------------
-    def _ratio(self, case: str, floor: str, value: Callable[[Load], float]) -> float | None:
-        if case not in self.loads or floor not in self.loads or not value(self.loads[floor]):
+    def median(self, case: str, value: Callable[[Load], float]) -> float:
+        return statistics.median(value(load) for load in self.loads[case])
+
+    def per_round(self, ratio: str) -> list[float] | None:
+        """``ratio`` in each round (its two cases measured back to back), or None without both cases."""
+        case, floor, value = RATIOS[ratio]
+        if case not in self.loads or floor not in self.loads:
             return None
-        return round(value(self.loads[case]) / value(self.loads[floor]), 3)
+        pairs = zip(self.loads[case], self.loads[floor], strict=True)
+        return [value(a) / value(b) for a, b in pairs if value(b)] or None
 
     def summary(self) -> dict[str, Any]:
-        """The flat figures of ``bench-results.json``."""
-        out: dict[str, Any] = {f"{case}_rps": round(load.rps, 1) for case, load in self.loads.items()}
-
-        def rps(load: Load) -> float:
-            return load.rps
-
-        def p99(load: Load) -> float:
-            return load.p99_ms
-
-        out["mint_ratio"] = self._ratio("mint", "floor_mint", rps)
-        out["redeem_ratio"] = self._ratio("redeem", "floor_redeem", rps)
-        out["passthrough_ratio"] = self._ratio("passthrough", "floor_proxy", rps)
-        out["edge_passthrough_ratio"] = self._ratio("edge_passthrough", "nginx_proxy", rps)
+        """The flat figures of ``bench-results.json``: medians of the rounds, and each ratio's spread."""
+        out: dict[str, Any] = {f"{case}_rps": round(self.median(case, _rps), 1) for case in self.loads}
+        out["rounds"] = self.rounds
+        by_round: dict[str, list[float]] = {}
+        for name in RATIOS:
+            ratios = self.per_round(name)
+            out[name] = None if ratios is None else round(statistics.median(ratios), 3)
+            out[f"{name}_spread"] = None if ratios is None else [round(min(ratios), 3), round(max(ratios), 3)]
+            if ratios is not None:
+                by_round[name] = [round(r, 3) for r in ratios]
+        out["ratios_by_round"] = by_round
         out["edge_passthrough_gateway_requests"] = self.edge_passthrough_gateway_requests
-        out["workers2_scaling"] = self._ratio("mint_workers2", "mint", rps)
-        out["mint_p99_ratio"] = self._ratio("mint", "floor_mint", p99)
-        out["redeem_p99_ratio"] = self._ratio("redeem", "floor_redeem", p99)
-        out["passthrough_p99_ratio"] = self._ratio("passthrough", "floor_proxy", p99)
-        out["edge_passthrough_p99_ratio"] = self._ratio("edge_passthrough", "nginx_proxy", p99)
-        out["p50_ms"] = {case: round(load.p50_ms, 3) for case, load in self.loads.items()}
-        out["p99_ms"] = {case: round(load.p99_ms, 3) for case, load in self.loads.items()}
-        for case, run in self.gateway_runs.items():
+        out["p50_ms"] = {case: round(self.median(case, lambda load: load.p50_ms), 3) for case in self.loads}
+        out["p99_ms"] = {case: round(self.median(case, _p99), 3) for case in self.loads}
+        merged = {case: GatewayRun.merged(runs) for case, runs in self.gateway_runs.items()}
+        for case, run in merged.items():
             out[f"redis_round_trips_per_{case}"] = run.per_request(run.round_trips.get("total", 0))
             out[f"redis_commands_per_{case}"] = run.per_request(sum(run.commands.values()))
-        runs = self.gateway_runs.items()
+        runs = merged.items()
         out["redis_round_trips_by_first_command"] = {
             case: {name: run.per_request(n) for name, n in sorted(run.round_trips.items()) if name != "total"}
             for case, run in runs
@@ -169,7 +223,6 @@ class Figures:
             out["rss_1m_vs_1k_subjects"] = round(
                 self.directory["rss_mb_1m_subjects"] / self.directory["rss_mb_1k_subjects"], 3
             )
-        out["mint_1m_subjects_ratio"] = self._ratio("mint_1m_subjects", "mint", rps)
         marks = sorted(self.rss_marks)
         if len(marks) >= 2 and self.rss_marks[marks[0]][1]:
             out["rss_growth_ratio"] = round(self.rss_marks[marks[-1]][1] / self.rss_marks[marks[0]][1], 3)
@@ -177,15 +230,20 @@ class Figures:
 
     def warnings(self) -> list[str]:
         return [
-            f"{CASES.get(case, case)}: {load.status_errors} error answers, {load.socket_errors} socket errors, "
-            f"{load.exhausted} requests without a fresh token"
-            for case, load in self.loads.items()
+            f"{CASES.get(case, case)}, round {i}: {load.status_errors} error answers, {load.socket_errors} socket "
+            f"errors, {load.exhausted} requests without a fresh token"
+            for case, loads in self.loads.items()
+            for i, load in enumerate(loads, 1)
             if not load.clean
         ]
 
     def invalid(self) -> list[str]:
-        """The cases with too many failed requests to compare."""
-        return [case for case, load in self.loads.items() if load.failed > INVALID_SHARE * max(load.requests, 1)]
+        """The cases with too many failed requests to compare (in any round)."""
+        return [
+            case
+            for case, loads in self.loads.items()
+            if any(load.failed > INVALID_SHARE * max(load.requests, 1) for load in loads)
+        ]
 
     def document(self) -> dict[str, Any]:
         summary = self.summary()
@@ -211,39 +269,63 @@ class Figures:
                 "wrk_threads": THREADS,
                 "warmup_s": self.warmup_s,
                 "duration_s": self.duration_s,
+                "rounds": self.rounds,
             },
-            "wrk_duration_s": {case: round(load.duration_s, 3) for case, load in self.loads.items()},
-            "cases": {
-                case: {**asdict(load), "rps": round(load.rps, 1)}
-                | ({"gateway_served": self.gateway_runs[case].served} if case in self.gateway_runs else {})
-                for case, load in self.loads.items()
+            "wrk_duration_s": {
+                case: [round(load.duration_s, 3) for load in loads] for case, loads in self.loads.items()
             },
+            "cases": {case: self._rounds_of(case) for case in self.loads},
         }
+
+    def _rounds_of(self, case: str) -> list[dict[str, Any]]:
+        """What each round of ``case`` measured, in order."""
+        runs = self.gateway_runs.get(case)
+        return [
+            {**asdict(load), "rps": round(load.rps, 1)} | ({"gateway_served": runs[i].served} if runs else {})
+            for i, load in enumerate(self.loads[case])
+        ]
 
     # -- the table ----------------------------------------------------------------------------------
     def table(self) -> str:
         summary = self.summary()
-        lines = [f"{'case':<16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'requests':>9} {'rt/req':>7} {'cmd/req':>8}"]
+        lines = [
+            f"medians of {self.rounds} round{'s' if self.rounds != 1 else ''} (a floor and its case back to back in "
+            "each); min-max: the rounds' req/s, and each ratio's spread over its rounds",
+            "",
+            f"{'case':<17} {'req/s':>9} {'min-max':>13} {'p50 ms':>8} {'p99 ms':>8} {'requests':>9} {'rt/req':>7}"
+            f" {'cmd/req':>8}",
+        ]
         for case, label in CASES.items():
-            load = self.loads.get(case)
-            if load is None:
+            loads = self.loads.get(case)
+            if loads is None:
                 continue
             trips = summary.get(f"redis_round_trips_per_{case}")
             commands = summary.get(f"redis_commands_per_{case}")
+            spread = f"{min(x.rps for x in loads):.0f}-{max(x.rps for x in loads):.0f}"
             lines.append(
-                f"{label:<16} {load.rps:>9.0f} {load.p50_ms:>8.2f} {load.p99_ms:>8.2f} {load.requests:>9}"
+                f"{label:<17} {summary[f'{case}_rps']:>9.0f} {spread:>13} {summary['p50_ms'][case]:>8.2f}"
+                f" {summary['p99_ms'][case]:>8.2f} {sum(x.requests for x in loads):>9}"
                 f" {'' if trips is None else f'{trips:.3f}':>7} {'' if commands is None else f'{commands:.3f}':>8}"
             )
         lines.append("")
         width = max(len(t.figure) for t in TARGETS)
+
+        def spread_of(figure: str) -> str:
+            low_high = summary.get(f"{figure}_spread")
+            return "" if low_high is None else f"{low_high[0]:g}-{low_high[1]:g}"
+
         for target in TARGETS:
             value = summary.get(target.figure)
             verdict = "n/a" if value is None else ("met" if target.met(value) else "MISSED")
             shown = "-" if value is None else f"{value:g}"
-            lines.append(f"{target.figure:<{width}}  {shown:>10}  target {target.text:<32} {verdict}")
+            lines.append(
+                f"{target.figure:<{width}}  {shown:>10} {spread_of(target.figure):<13}  target {target.text:<32} "
+                f"{verdict}"
+            )
+        for figure in ("passthrough_p99_ratio", "edge_passthrough_p99_ratio", "mint_1m_subjects_ratio"):
+            if summary.get(figure) is not None:
+                lines.append(f"{figure:<{width}}  {summary[figure]:>10g} {spread_of(figure)}")
         extra_keys = (
-            "passthrough_p99_ratio",
-            "edge_passthrough_p99_ratio",
             "redis_bytes_per_tombstone",
             "redis_bytes_per_index_entry",
             "rss_mb_at_start",

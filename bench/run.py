@@ -1,13 +1,19 @@
 """``make bench``: start redis-server and the upstream, then load each case in turn and report.
 
-``BENCH_CASES`` (comma-separated case labels, as printed while running) runs only those cases, for a quick
-look while working: ratios need both of their cases, and the redeem cases the rates of mint and floor-redeem.
+The machine's throughput drifts (by up to 2x from one minute to the next), so a case and the floor it is
+compared with are measured alternately, ``BENCH_ROUNDS`` rounds (default 3) of: the floor, then the case,
+back to back. A ratio is the median of the rounds' ratios, reported with their spread (min and max); a
+case's absolute figures are the medians of its rounds (report.py).
 
-Each case gets a fresh server process and an empty Redis (the gateway loads the demo directory at
+Each measurement gets a fresh server process and an empty Redis (the gateway loads the demo directory at
 start-up), a warm-up of ``BENCH_WARMUP`` seconds (default 2) and a measured run of ``BENCH_DURATION``
-seconds (default 10). A floor and the gateway case compared with it run back to back, so that the
-ratios, which are what matter on a shared machine, see the same noise. Then a fresh gateway mints
-100k and 200k grants while its RSS is read. Results: a table on stdout and ``bench-results.json``.
+seconds (default 5: three rounds of 5 s instead of one run of 10). Then, once each, a fresh gateway mints
+100k and 200k grants while its RSS is read, and the directory case. Results: a table on stdout and
+``bench-results.json``.
+
+``BENCH_CASES`` (comma-separated case labels, as printed while running) runs only those cases, for a quick
+look while working; a case brings the case it is compared with (floor-mint and mint each other, mint on 2
+workers brings mint, and so on), and the redeem cases use the rates of mint and floor-redeem when measured.
 
     python -m bench.run
 """
@@ -52,10 +58,10 @@ RSS_MARKS = (100_000, 200_000)
 TOKEN_MARGIN = 1.5  # a redeem run gets fresh tokens for 1.5 times the rate it is expected to reach
 
 
-def _seconds(name: str, default: int) -> int:
+def _whole(name: str, default: int) -> int:
     value = os.environ.get(name, str(default))
     if not value.isdigit() or int(value) < 1:
-        raise BenchError(f"{name}: expected a whole number of seconds, got {value!r}")
+        raise BenchError(f"{name}: expected a whole number of at least 1, got {value!r}")
     return int(value)
 
 
@@ -377,7 +383,9 @@ def edge_cases(bench: Bench) -> None:
     with bench.edge() as (url, gateway):
         run = gateway.measure("pass", Workload(url + PASS_PATH))
         bench.figures.add("edge_passthrough", run.load)
-        bench.figures.edge_passthrough_gateway_requests = run.served
+        bench.figures.edge_passthrough_gateway_requests = (
+            bench.figures.edge_passthrough_gateway_requests or 0
+        ) + run.served
 
         def supply(needed: int) -> list[str]:
             return bench.mint_tokens(gateway.url, needed, bench.figures.rps("mint"))
@@ -428,7 +436,7 @@ def directory_case(bench: Bench) -> None:
     with bench.gateway() as gateway:
         mint = Workload(gateway.url + MINT_PATH, headers=MINT_HEADERS)
         load(small)
-        mint.run(bench.duration)
+        bench.figures.add("mint_1k_subjects", mint.run(bench.duration))
         bench.figures.directory["rss_mb_1k_subjects"] = round(gateway.rss_mb(), 1)
         header = dict(h.split(": ", 1) for h in MINT_HEADERS)
         with Probe(gateway.url + MINT_PATH, header) as probe:
@@ -442,7 +450,48 @@ def directory_case(bench: Bench) -> None:
         bench.figures.directory["rss_mb_1m_subjects"] = round(gateway.rss_mb(), 1)
 
 
-def run(duration: int, warmup: int) -> Figures:
+Step = tuple[str, Callable[[], None]]  # a label (as BENCH_CASES names it) and what measures it
+EDGE = "edge: pass-through and redeem"
+
+# What a case is compared with (report.RATIOS): BENCH_CASES runs them along with it.
+PARTNERS: dict[str, tuple[str, ...]] = {
+    "floor-mint": ("mint",),
+    "mint": ("floor-mint",),
+    "mint on 2 workers": ("mint",),
+    "floor-redeem": ("redeem",),
+    "redeem": ("floor-redeem",),
+    "floor-proxy": ("pass-through",),
+    "pass-through": ("floor-proxy",),
+    "nginx alone": (EDGE,),
+    EDGE: ("nginx alone",),
+}
+
+
+def with_partners(chosen: set[str]) -> set[str]:
+    """``chosen`` and, transitively, the cases they are compared with."""
+    out, todo = set(chosen), list(chosen)
+    while todo:
+        for other in PARTNERS.get(todo.pop(), ()):
+            if other not in out:
+                out.add(other)
+                todo.append(other)
+    return out
+
+
+def paired(steps: Sequence[Step], rounds: int) -> None:
+    """Run ``steps`` (a floor first, then the cases compared with it) in turn, ``rounds`` times: A B A B A B.
+
+    Each step starts its servers fresh and adds one measurement of each of its cases to the figures, so that
+    every case of the group has one per round, in order, and round i of a case and round i of its floor were
+    measured back to back: report.py divides them round by round and takes the median.
+    """
+    for i in range(1, rounds + 1):
+        for label, step in steps:
+            print(f"bench: {label} (round {i} of {rounds})", file=sys.stderr, flush=True)
+            step()
+
+
+def run(duration: int, warmup: int, rounds: int) -> Figures:
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch, contextlib.ExitStack() as stack:
         tmp = Path(scratch)
         redis_server, redis_port = processes.start_redis(tmp, tmp)
@@ -454,38 +503,49 @@ def run(duration: int, warmup: int) -> Figures:
         redis_url, upstream_url = f"redis://127.0.0.1:{redis_port}/0", f"http://127.0.0.1:{upstream_port}"
         config, prefix = write_config(tmp, redis_url, upstream_url, grant_ttl=120 + 4 * (warmup + duration))
         client = stack.enter_context(redis.Redis(port=redis_port))
-        figures = Figures(duration, warmup)
+        figures = Figures(duration, warmup, rounds)
         bench = Bench(tmp, duration, warmup, client, redis_url, upstream_url, config, prefix, figures)
-        steps: list[tuple[str, Callable[[], None]]] = [
-            ("floor-hello", lambda: floor_case(bench, "hello", "/")),
-            ("floor-mint", lambda: floor_case(bench, "mint", "/mint")),
-            ("mint", lambda: mint_case(bench)),
-            ("mint on 2 workers", lambda: workers_case(bench)),
-            ("floor-redeem", lambda: floor_redeem_case(bench)),
-            ("redeem", lambda: redeem_case(bench)),
-            ("floor-proxy", lambda: floor_case(bench, "proxy", PASS_PATH)),
-            ("pass-through", lambda: passthrough_case(bench)),
-            ("nginx alone", lambda: nginx_case(bench)),
-            ("edge: pass-through and redeem", lambda: edge_cases(bench)),
+        # Groups measured in rounds: a floor, then the cases compared with it (mint on 2 workers with mint).
+        groups: list[list[Step]] = [
+            [("floor-hello", lambda: floor_case(bench, "hello", "/"))],
+            [
+                ("floor-mint", lambda: floor_case(bench, "mint", "/mint")),
+                ("mint", lambda: mint_case(bench)),
+                ("mint on 2 workers", lambda: workers_case(bench)),
+            ],
+            [("floor-redeem", lambda: floor_redeem_case(bench)), ("redeem", lambda: redeem_case(bench))],
+            [
+                ("floor-proxy", lambda: floor_case(bench, "proxy", PASS_PATH)),
+                ("pass-through", lambda: passthrough_case(bench)),
+            ],
+            [("nginx alone", lambda: nginx_case(bench)), (EDGE, lambda: edge_cases(bench))],
+        ]
+        # Run once each: their figures are not ratios between cases (the directory case's one ratio, mint with
+        # 1M subjects / with 1k, compares two runs of one gateway, before and after the 1M load: one round).
+        once: list[Step] = [
             ("RSS after 100k and 200k mints", lambda: rss_case(bench)),
             ("directory: 1k then 1M subjects", lambda: directory_case(bench)),
         ]
-        chosen = [c.strip() for c in os.environ.get("BENCH_CASES", "").split(",") if c.strip()]
-        unknown = set(chosen) - {label for label, _ in steps}
+        labels = [label for group in [*groups, once] for label, _ in group]
+        chosen = {c.strip() for c in os.environ.get("BENCH_CASES", "").split(",") if c.strip()}
+        unknown = chosen - set(labels)
         if unknown:
-            raise BenchError(f"BENCH_CASES: no case {', '.join(sorted(unknown))}; the cases: "
-                             + ", ".join(label for label, _ in steps))  # fmt: skip
-        for label, step in steps:
-            if chosen and label not in chosen:
-                continue
-            print(f"bench: {label}", file=sys.stderr, flush=True)
-            step()
+            raise BenchError(f"BENCH_CASES: no case {', '.join(sorted(unknown))}; the cases: " + ", ".join(labels))
+        chosen = with_partners(chosen)
+        for group in groups:
+            steps = [(label, step) for label, step in group if not chosen or label in chosen]
+            if steps:
+                paired(steps, rounds)
+        for label, step in once:
+            if not chosen or label in chosen:
+                print(f"bench: {label}", file=sys.stderr, flush=True)
+                step()
         return figures
 
 
 def main() -> int:
     try:
-        figures = run(_seconds("BENCH_DURATION", 10), _seconds("BENCH_WARMUP", 2))
+        figures = run(_whole("BENCH_DURATION", 5), _whole("BENCH_WARMUP", 2), _whole("BENCH_ROUNDS", 3))
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
