@@ -58,7 +58,8 @@ screenshots: install-dev parts
 	SCREENSHOTS_DIR=docs/screenshots $(BIN)/pytest tests/test_browser.py
 
 # Load tests on 127.0.0.1: the gateway against bare aiohttp floors, under wrk; writes bench-results.json.
-# BENCH_DURATION (default 10) and BENCH_WARMUP (default 2) are the seconds of each case's runs.
+# BENCH_DURATION (default 5) and BENCH_WARMUP (default 2) are the seconds of each run; BENCH_ROUNDS (default 3) how
+# many times each case and its floor run, alternately (ratios are the medians of the rounds).
 bench: install-dev parts
 	@command -v wrk >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
