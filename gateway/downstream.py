@@ -49,7 +49,11 @@ class InvalidAssertion(Exception):
 
 @dataclass(frozen=True)
 class Impersonation:
-    """Who the user is (``subject``) and who acts as them (``actor``, with ``role``), from a verified assertion."""
+    """Who the user is (``subject``) and who acts as them (``actor``, with ``role``), from a verified assertion.
+
+    ``grant_id`` is the assertion's ``jti``: the grant's id for a hand-off, unique per request in a session held by
+    the gateway. ``sid`` (the session id, as the gateway's audit and admin endpoints name it) and ``mode``
+    (``"full"`` or ``"read_only"``) are set for a request of such a session, None for a hand-off."""
 
     subject: str
     actor: str
@@ -59,6 +63,8 @@ class Impersonation:
     email: str | None = None
     reason: str | None = None
     claims: Mapping[str, Any] = field(default_factory=dict)
+    sid: str | None = None
+    mode: str | None = None
 
 
 class ReplayCache:
@@ -227,6 +233,7 @@ class Verifier:
         who = Impersonation(
             subject=str(claims["sub"]), actor=act["sub"], role=act.get("role"), app=str(claims["aud"]), grant_id=jti,
             email=claims.get("email"), reason=claims.get("reason"), claims=claims,
+            sid=_text_claim(claims, "sid"), mode=_text_claim(claims, "mode"),
         )  # fmt: skip
         return who, float(claims["exp"]) + self.leeway
 
@@ -274,3 +281,9 @@ def middleware(verifier: Verifier, *, required: bool = False) -> Any:
 def impersonation(request: web.Request) -> Impersonation | None:
     """What :func:`middleware` found on ``request``, if anything."""
     return request.get(IMPERSONATION)
+
+
+def _text_claim(claims: Mapping[str, Any], name: str) -> str | None:
+    """A claim that is a string when present (``sid``, ``mode``); None when absent or not a string."""
+    value = claims.get(name)
+    return value if isinstance(value, str) else None

@@ -19,7 +19,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
 from gateway.app import GATEWAY, create_app
+from gateway.assertion import Signer
 from gateway.directory import parse_directory
+from gateway.downstream import Verifier
 from gateway.sessions import session_id
 from gateway.store import Store
 from tests import processes
@@ -54,7 +56,15 @@ class App:
 async def app(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> App:
     found = App("")
 
-    async def record(request: web.Request) -> web.Response:
+    async def record(request: web.Request) -> web.StreamResponse:
+        if request.path == "/ws":
+            found.requests.append(Recorded("GET", "/ws", {}, dict(request.headers), b""))
+            ws = web.WebSocketResponse()
+            ws.set_cookie("ws_sid", "ws-secret", httponly=True)
+            await ws.prepare(request)
+            async for message in ws:
+                await ws.send_str(message.data)
+            return ws
         found.requests.append(Recorded(request.method, request.path, dict(request.query), dict(request.headers),
                                        await request.read()))  # fmt: skip
         response = web.json_response({"path": request.path, "n": len(found.requests)})
@@ -64,9 +74,12 @@ async def app(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> App:
             response.set_cookie("theme", "dark", path="/app")
         if request.path == "/two":
             response.set_cookie("first", "1", httponly=True)
-            response.set_cookie("second", "2", httponly=True, max_age=3600)
+            response.set_cookie("second", "2", httponly=True, max_age=30)
         if request.path == "/logout":
             response.del_cookie("app_sid", path="/")
+        if request.path == "/forget":  # deletions as HttpOnly cookies: Max-Age=0 and a past Expires
+            response.headers.add("Set-Cookie", "first=; HttpOnly; Max-Age=0; Path=/")
+            response.headers.add("Set-Cookie", "second=; HttpOnly; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Path=/")
         return response
 
     web_app = web.Application()
@@ -337,6 +350,23 @@ async def test_kept_cookies_stay_in_the_gateway(gw: Gateway, app: App) -> None:
         assert "secret-" not in str(response.headers)
 
 
+async def test_the_app_deletes_kept_cookies_and_expired_ones_are_not_sent(gw: Gateway, app: App) -> None:
+    cookie, _ = await gw.start()
+    await gw.get("/two", cookie)
+    forget = await gw.get("/forget", cookie)
+    assert "Set-Cookie" not in forget.headers  # HttpOnly deletions are the gateway's too
+    await gw.get("/after", cookie)
+    assert app.cookies() == {"app_sid": "secret-1"}
+    base = time.time()
+    await gw.get("/two", cookie)  # "second" has Max-Age=30
+    gw.sessions.clock = lambda: base + 15
+    await gw.get("/within", cookie)
+    assert app.cookies() == {"app_sid": "secret-1", "first": "1", "second": "2"}
+    gw.sessions.clock = lambda: base + 31
+    await gw.get("/later", cookie)
+    assert app.cookies() == {"app_sid": "secret-1", "first": "1"}
+
+
 # -- end and session endpoints -------------------------------------------------------------------------------------
 async def test_session_endpoint_and_end(gw: Gateway, app: App) -> None:
     cookie, _ = await gw.start()
@@ -467,3 +497,18 @@ async def test_the_subject_s_deactivation_ends_the_session(gw: Gateway, app: App
 
 async def _not(check: Awaitable[bool]) -> bool:
     return not await check
+
+
+# -- gateway.downstream --------------------------------------------------------------------------------------------
+async def test_downstream_exposes_sid_and_mode(gw: Gateway, app: App) -> None:
+    signer = Signer(KEY, PUBLIC_URL, 30)
+    verifier = Verifier("http://gateway.test/.well-known/jwks.json", "control-panel", issuer=PUBLIC_URL,
+                        fetch=lambda url: signer.jwks_json())  # fmt: skip
+    cookie, _ = await gw.start(mode="read_only")
+    await gw.get("/next", cookie)
+    first, later = (verifier.verify(r.headers["X-Impersonation-Assertion"]) for r in app.requests[-2:])
+    assert (first.sid, first.mode, later.sid, later.mode) == (session_id(cookie), "read_only") * 2
+    assert first.grant_id != later.grant_id  # the jti: one per request
+    handed_off = verifier.verify(signer.sign({"aud": "control-panel", "sub": "505", "act": {"sub": "mgr-1"},
+                                              "jti": "grant-1"}, int(time.time())))  # fmt: skip
+    assert (handed_off.sid, handed_off.mode) == (None, None)
