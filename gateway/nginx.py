@@ -9,6 +9,9 @@ gateway does, and sends to the gateway
 - any request holding a grant-shaped value in one of its route's carriers, spelled any way the gateway
   would read it (:mod:`gateway.carriers`: names in any case or percent-encoded, ``user.token``, ``user token``,
   ``token[]``, ``&``, ``;`` or ``#``, every cookie, quoted, padded or percent-encoded values, ``Bearer G``);
+- on the routes of apps that hold sessions (``session``), any request carrying the session cookie (that app's
+  name for it, in any ``Cookie`` header, named exactly as the gateway reads it: :func:`session_cookie_regex`) and
+  the paths below ``<mount>/_impersonation/``;
 
 and everything else straight to the app, with no limit of nginx's own the app would not have had. Misrouting
 can only ever cost a login: nginx removes ``X-Impersonation-Assertion`` on every path (and drops header names
@@ -34,13 +37,18 @@ from .config import AppConfig, Config
 from .core import TOKEN_LENGTH
 from .dialects import Carrier, Dialect, Endpoint, Where, template_regex
 from .proxy import ASSERTION_HEADER, FORWARDING
+from .sessions import cookie_name
 
 GATEWAY = "igw_gateway"
 GRANT = "$igw_grant"  # 1 when a request holds a grant-shaped value in any carrier
+SESSION_PATH = "/_impersonation/"  # below an app's mount: the gateway's own paths on routes that hold sessions
 # A run that decodes to a grant: each character as itself or percent-encoded.
 _GRANT_RUN = f"(?:[A-Za-z0-9_-]|%[0-9A-Fa-f]{{2}}){{{TOKEN_LENGTH}}}"
 _SPACES = r"\s|\+|%20|%09"  # "+" too: the gateway decodes values as a form would
 _QUOTES = '"|%22'
+# What str.isspace() takes for white space, as bytes (nginx's regexes do not read UTF-8): ASCII's, the separators
+# \x1c-\x1f, and any non-ASCII byte (the rest, nbsp and the like, are made of them); PCRE reads the \xNN escapes.
+_COOKIE_SPACE = r"\x09-\x0d\x1c-\x20\x80-\xff"
 # Characters other than an ASCII capital that Python's str.lower() turns into an ASCII letter (the gateway
 # lower-cases decoded names that way): the Kelvin sign.
 LOWERED_TO = {"k": "\u212a"}
@@ -92,6 +100,24 @@ def cookie_regex(name: str) -> str:
 def header_regex() -> str:
     """A regex on ``$http_<name>``: one of its comma-separated values holds a grant."""
     return rf"(?:^|,){_value_regex(',')}"
+
+
+def session_cookie_regex(name: str) -> str:
+    """A case-sensitive regex on ``$http_cookie`` (every Cookie header): a cookie named exactly ``name`` wherever the
+    gateway may find one, never a longer name that merely contains it (``ximpersonation_session``). The gateway's
+    parser (aiohttp's) starts a name at the start, after ``;`` or after white space (Unicode's too, which it strips
+    from a pair it reads leniently) and ends it at ``=``, ``;``, white space or the end; nginx matches bytes, so any
+    non-ASCII byte counts as white space here."""
+    return rf"(?:^|[{_COOKIE_SPACE};]){re.escape(name)}(?:[{_COOKIE_SPACE};=]|$)"
+
+
+def session_variable(name: str) -> str:
+    """The variable that is 1 when a request carries the session cookie ``name``."""
+    return "$igw_session_" + re.sub(r"[^a-z0-9]", "_", name.lower())
+
+
+def session_map(name: str) -> str:
+    return f"map $http_cookie {session_variable(name)} {{\n    default 0;\n    '~{session_cookie_regex(name)}' 1;\n}}\n"
 
 
 def carrier_variable(carrier: Carrier) -> str:
@@ -153,6 +179,8 @@ def render(
     out.extend(maps)
     variables = "".join(v for v, c in carriers.items() if c.where is not Where.BODY)
     out.append(f'map "{variables}" {GRANT} {{\n    default 0;\n    "~1" 1;\n}}\n')
+    # The session cookie of each app that holds sessions (its name depends on the app's public URL).
+    out.extend(session_map(name) for name in sorted({_session_cookie(config, a) for a in apps if a.session}))
     servers = _servers(apps)
     for hosts, groups in servers:
         out.append(_server(config, dialects, hosts, groups, listen, access_log, upstream_names))
@@ -176,6 +204,10 @@ def _servers(apps: Sequence[AppConfig]) -> list[tuple[tuple[str, ...], list[_Gro
     servers = [(tuple(hosts), _groups([named[n] for n in key])) for key, hosts in blocks.items()]
     servers.append(((), _groups([a for a in apps if not a.hosts])))
     return servers
+
+
+def _session_cookie(config: Config, app: AppConfig) -> str:
+    return cookie_name(config.public_url_of(app))
 
 
 def _groups(apps: Iterable[AppConfig]) -> list[_Group]:
@@ -235,8 +267,14 @@ def _server(
             lines += [f'    location ~ "{regex}" {{  # {endpoint.method} {endpoint.template}', *gateway_block, "    }"]
     mounts = {g.mount for g in groups}
     for group in groups:
+        # On a route with an app that holds sessions, /_impersonation/ is the gateway's (unless an app is mounted
+        # there: the gateway routes that path to it, and so does the location of that mount).
+        if any(a.session for a in group.apps) and group.mount + SESSION_PATH.rstrip("/") not in mounts:
+            lines += [f"    location ^~ {group.mount}{SESSION_PATH} {{", *gateway_block, "    }"]
+    for group in groups:
         first = group.apps[0]
-        body = _app_block(first, upstream_names[first.name])
+        cookies = sorted({_session_cookie(config, a) for a in group.apps if a.session})
+        body = _app_block(first, upstream_names[first.name], [session_variable(c) for c in cookies])
         if group.mount:
             lines += [f"    location = {group.mount} {{", *body, "    }"]
             lines += [f"    location {group.mount}/ {{", *body, "    }"]
@@ -259,13 +297,14 @@ def _gateway_headers(read_timeout: str) -> list[str]:
     ]
 
 
-def _app_block(app: AppConfig, upstream: str) -> list[str]:
+def _app_block(app: AppConfig, upstream: str, sessions: Sequence[str] = ()) -> list[str]:
     url = URL(app.upstream)
     base = url.raw_path.rstrip("/")
     # With a URI part nginx replaces the location's prefix (the mount) with it, as the gateway strips it.
     target = f"{url.scheme}://{upstream}" + (f"{base}/" if app.mount or base else "")
     return [
         f"        if ({GRANT}) {{ return 418; }}  # a grant: to the gateway",
+        *(f"        if ({v}) {{ return 418; }}  # a session's cookie: to the gateway" for v in sessions),
         f'        set $igw_host "{url.raw_authority}";',
         f"        proxy_pass {target};",
         f"        proxy_connect_timeout {_timeout(app.connect_timeout_seconds)};",

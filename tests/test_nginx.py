@@ -8,6 +8,10 @@
   through nginx; ordinary requests, uploads and WebSockets reach the app without touching the gateway; a
   forged assertion reaches the app on neither path; a live grant spelt as frameworks read a carrier goes to
   the gateway; the access log holds no grant, not even one in a path (``/x%3Ftoken=G``).
+- Sessions: an app that holds them adds its cookie's map, an ``if`` on its route and ``/_impersonation/`` to the
+  configuration, nothing else; the map's regex finds the cookie wherever the gateway's parser does, under its
+  exact name only; a real nginx sends to a recording gateway exactly the requests carrying that app's cookie and
+  its ``/_impersonation/`` paths.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import jwt
 import pytest
 import yaml
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -42,7 +47,7 @@ from gateway.carriers import Carriers
 from gateway.cli import main as cli
 from gateway.config import config_from_dict
 from gateway.dialects import Where, all_dialects
-from gateway.nginx import LOWERED_TO, carrier_map, render
+from gateway.nginx import LOWERED_TO, carrier_map, render, session_map
 from tests import processes
 from tests.conftest import free_port
 
@@ -608,3 +613,212 @@ async def test_a_grant_in_the_path_stays_out_of_the_access_log(edge: Edge) -> No
     assert grant not in log and grant[8:] not in log and "secret" not in log
     paths = [re.search(r'"GET (\S+) HTTP/1.1" 200 ', line) for line in log.splitlines()[-4:]]
     assert [m.group(1) if m else None for m in paths] == ["-", "-", "-", "/plain%3Fpage=2"], log
+
+
+# -- impersonation sessions ------------------------------------------------------------------------------------
+COOKIE, HOST_COOKIE = "impersonation_session", "__Host-impersonation_session"
+# The golden config with two apps holding sessions: control-panel on the https public URL (the __Host- name),
+# exchange on an http one of its own (the plain name); analytics and switch, which share their routes, do not.
+SESSION_CONFIG: dict[str, Any] = {
+    **GOLDEN_CONFIG,
+    "apps": {
+        **GOLDEN_CONFIG["apps"],
+        "control-panel": {**GOLDEN_CONFIG["apps"]["control-panel"], "session": {}},
+        "exchange": {**GOLDEN_CONFIG["apps"]["exchange"], "session": {"mode": "read_only"},
+                     "public_url": "http://switch.example.com"},
+    },
+}  # fmt: skip
+
+
+def session_text() -> str:
+    config = config_from_dict(SESSION_CONFIG)
+    return render(config, DIALECTS, listen="0.0.0.0:8080", gateway="127.0.0.1:8081", source="config.yaml")
+
+
+def _without_sessions(text: str) -> str:
+    """``text`` without what sessions add: the cookie maps, the ``/_impersonation/`` locations and the ``if``s."""
+    text = re.sub(r"map \$http_cookie \$igw_session_\w+ \{\n.*?\n\}\n\n", "", text, flags=re.S)
+    text = re.sub(r"    location \^~ \S*/_impersonation/ \{\n.*?\n    \}\n", "", text, flags=re.S)
+    return re.sub(r"        if \(\$igw_session_\w+\) .*\n", "", text)
+
+
+def _locations(text: str) -> dict[tuple[str, str], str]:
+    """Each location's body, by its server's ``server_name`` and its own argument."""
+    found: dict[tuple[str, str], str] = {}
+    for server in text.split("\nserver {\n")[1:]:
+        name = re.search(r"server_name ([^;]*);", server)
+        assert name is not None
+        for where, body in re.findall(r"\n    location ([^\n]*?) \{[^\n]*\n(.*?)\n    \}", server, re.S):
+            found[(name.group(1), where)] = body
+    return found
+
+
+def test_sessions_add_their_cookie_and_paths_and_nothing_else() -> None:
+    text = session_text()
+    assert _without_sessions(text) == golden_text()
+    assert text.count("map $http_cookie $igw_session_") == 2
+    locations = _locations(text)
+    variables = {where: re.findall(r"\$igw_session_\w+", body) for where, body in locations.items()}
+    host, plain = "$igw_session___host_impersonation_session", "$igw_session_impersonation_session"
+    assert variables[("_", "/")] == [host]  # control-panel
+    assert variables[("_", "= /bi")] == variables[("_", "/bi/")] == []  # analytics: no session
+    assert variables[("switch.example.com", "= /x")] == variables[("switch.example.com", "/x/")] == [plain]
+    assert variables[("switch.example.com", "/")] == []  # switch: no session
+    paths = [where for where in locations if "_impersonation" in where[1]]
+    assert paths == [("switch.example.com", "^~ /x/_impersonation/"), ("_", "^~ /_impersonation/")]
+    assert all("proxy_pass http://igw_gateway;" in locations[where] for where in paths)
+
+
+def test_real_nginx_accepts_a_configuration_with_sessions(tmp_path: Path) -> None:
+    include = tmp_path / "gateway.conf"
+    include.write_text(session_text().replace("/var/log/nginx/access.log", str(tmp_path / "access.log")))
+    done = subprocess.run([nginx_binary(), "-t", "-p", str(tmp_path), "-c", str(main_conf(tmp_path, include))],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def gateway_reads(name: str, cookie: str) -> bool:
+    """Whether the gateway finds the session cookie ``name`` in a request's ``Cookie`` header (``request.cookies``)."""
+    return name in make_mocked_request("GET", "/", headers=CIMultiDict({"Cookie": cookie})).cookies
+
+
+def nginx_routes(name: str, cookies: list[str]) -> bool:
+    """Whether the generated map sets its variable: ``$http_cookie`` joins the Cookie headers with "; "; nginx
+    matches bytes (UTF-8 here), one character each, case-sensitively (``~``)."""
+    regex = re.search(r"'~(.*)' 1;", session_map(name))
+    assert regex is not None
+    return re.search(regex.group(1), "; ".join(cookies).encode().decode("latin-1")) is not None
+
+
+SESSION_COOKIES = [
+    (COOKIE, "impersonation_session=v", True),
+    (COOKIE, "a=1; impersonation_session=v", True),
+    (COOKIE, "a=1;impersonation_session=v", True),
+    (COOKIE, "a=1, impersonation_session=v", True),  # a pair also begins after white space
+    (COOKIE, "a=1;\u00a0impersonation_session=v", True),  # aiohttp strips Unicode's white space too
+    (COOKIE, "a=1;\x1cimpersonation_session\u3000=v", True),
+    (COOKIE, " impersonation_session = v ; b=2", True),
+    (COOKIE, "impersonation_session", True),
+    (COOKIE, "ximpersonation_session=1", False),
+    (COOKIE, "impersonation_sessionx=1", False),
+    (COOKIE, "x_impersonation_session=1; impersonation_session_x=2", False),
+    (COOKIE, "a=1,impersonation_session=v", False),  # one value, "1,impersonation_session=v"
+    (COOKIE, "Impersonation_Session=v", False),
+    (COOKIE, "__Host-impersonation_session=v", False),
+    (HOST_COOKIE, "__Host-impersonation_session=v", True),
+    (HOST_COOKIE, "a=1; __Host-impersonation_session=v", True),
+    (HOST_COOKIE, "impersonation_session=v", False),
+    (HOST_COOKIE, "__host-impersonation_session=v", False),
+    (HOST_COOKIE, "x__Host-impersonation_session=v; __Host-impersonation_sessions=v", False),
+]
+
+
+@pytest.mark.parametrize(("name", "cookie", "found"), SESSION_COOKIES)
+def test_nginx_finds_the_session_cookie_by_its_exact_name(name: str, cookie: str, found: bool) -> None:
+    assert gateway_reads(name, cookie) is found
+    assert nginx_routes(name, [cookie]) is found
+    assert nginx_routes(name, ["theme=dark", cookie]) is found  # in a second Cookie header
+
+
+_PIECES = [COOKIE, HOST_COOKIE, "x", "ximpersonation_session", "impersonation_sessionx", "=", "v", '"', ";", " ",
+           ",", "\t", "\u00a0", "\u3000", "\x1c", "\u00e9", "Mon, 01-Jan-2024 00:00:00 GMT"]  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(cookie=st.lists(st.sampled_from(_PIECES), max_size=10).map("".join))
+def test_whenever_the_gateway_reads_a_session_cookie_nginx_sends_it_the_request(cookie: str) -> None:
+    for name in (COOKIE, HOST_COOKIE):
+        if gateway_reads(name, cookie):
+            assert nginx_routes(name, [cookie]), (name, cookie)
+
+
+@dataclass
+class SessionEdge:
+    """nginx on ``port`` in front of two recorders: one standing in for the gateway, one for every app."""
+
+    port: int
+    gateway: list[Seen]
+    app: list[Seen]
+
+
+@pytest.fixture
+async def session_edge(tmp_path: Path) -> AsyncIterator[SessionEdge]:
+    app_port, gateway_port, nginx_port = free_port(), free_port(), free_port()
+    upstream = f"http://127.0.0.1:{app_port}"
+    config = config_from_dict({
+        "server": {"port": gateway_port, "public_url": f"http://127.0.0.1:{nginx_port}"},
+        "apps": {
+            "held": {"dialect": "activeplatform", "upstream": upstream, "session": {}},
+            "plain": {"dialect": "pyramid", "upstream": upstream, "mount": "/plain"},
+            "secure": {"dialect": "denovolab", "upstream": upstream, "hosts": ["secure.example"],
+                       "public_url": "https://secure.example", "session": {}},
+        },
+    })  # fmt: skip
+    include = tmp_path / "gateway.conf"
+    include.write_text(render(config, DIALECTS, listen=f"127.0.0.1:{nginx_port}",
+                              gateway=f"127.0.0.1:{gateway_port}", access_log="off"))  # fmt: skip
+    edge = SessionEdge(nginx_port, [], [])
+    runners = []
+    for seen, port in ((edge.gateway, gateway_port), (edge.app, app_port)):
+        runner = web.AppRunner(await app_recorder(seen))
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    nginx = subprocess.Popen([nginx_binary(), "-p", str(tmp_path), "-c", str(main_conf(tmp_path, include, 1))],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_listening(nginx_port, nginx, "nginx")
+        yield edge
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        try:
+            nginx.wait(10)
+        except subprocess.TimeoutExpired:
+            nginx.kill()
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def send(port: int, method: str, target: str, headers: Sequence[tuple[str, str]]) -> bytes:
+    """A request written byte for byte (repeated headers stay repeated); the whole answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sent = [*headers, *([] if any(k == "Host" for k, _ in headers) else [("Host", "127.0.0.1")])]
+    lines = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in sent), "Content-Length: 0", "Connection: close"]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+SECURE = ("Host", "secure.example")
+SESSION_ROUTING = [
+    pytest.param("GET", "/page", [("Cookie", f"{COOKIE}=s")], "gateway", id="session-cookie"),
+    pytest.param("GET", "/page", [("Cookie", f"theme=dark; {COOKIE}=s")], "gateway", id="second-cookie"),
+    pytest.param("GET", "/page", [("Cookie", "theme=dark"), ("Cookie", f"{COOKIE}=s")], "gateway", id="second-line"),
+    pytest.param("GET", "/page", [("Cookie", f"x{COOKIE}=1")], "app", id="longer-name"),
+    pytest.param("GET", "/page", [("Cookie", f"{COOKIE}x=1; {HOST_COOKIE}=s")], "app", id="others-names"),
+    pytest.param("POST", "/_impersonation/end", [], "gateway", id="end"),
+    pytest.param("GET", "/_impersonation/session", [], "gateway", id="session-info"),
+    pytest.param("GET", "/%5Fimpersonation/session", [], "gateway", id="encoded-path"),
+    pytest.param("GET", "/page?a=1", [("Cookie", "theme=dark")], "app", id="ordinary"),
+    pytest.param("GET", "/plain/page", [("Cookie", f"{COOKIE}=s")], "app", id="app-without-session"),
+    pytest.param("POST", "/plain/_impersonation/end", [], "app", id="app-without-session-end"),
+    pytest.param("GET", "/page", [SECURE, ("Cookie", f"{HOST_COOKIE}=s")], "gateway", id="host-prefixed"),
+    pytest.param("GET", "/page", [SECURE, ("Cookie", f"{COOKIE}=s")], "app", id="https-app-plain-name"),
+    pytest.param("POST", "/_impersonation/end", [SECURE], "gateway", id="https-app-end"),
+]
+
+
+@pytest.mark.parametrize(("method", "target", "headers", "to"), SESSION_ROUTING)
+async def test_real_nginx_sends_sessions_to_the_gateway(
+    session_edge: SessionEdge, method: str, target: str, headers: list[tuple[str, str]], to: str
+) -> None:
+    answer = await send(session_edge.port, method, target, headers)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    (seen,) = session_edge.gateway if to == "gateway" else session_edge.app
+    assert (session_edge.app if to == "gateway" else session_edge.gateway) == []
+    assert seen.method == method
+    if to == "gateway":  # the gateway sees the request as sent
+        assert seen.raw_path == target
+        assert seen.cookies == [v for k, v in headers if k == "Cookie"]
