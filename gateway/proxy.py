@@ -71,6 +71,10 @@ _WS_HANDSHAKE = ("sec-websocket-key", "sec-websocket-version", "sec-websocket-pr
 # What becomes of an answer's Set-Cookie headers (an impersonation session keeps the app's HttpOnly ones, and sets or
 # clears its own): given the answer's values, the values the client gets. It runs before any of the answer is relayed.
 CookieFilter = Callable[[list[str]], Awaitable[list[str]]]
+# Whether what a WebSocket belongs to (an impersonation session) still holds; asked every WATCH_SECONDS, so a session
+# ended anywhere closes its WebSockets on every process within that (DESIGN §13: within 5 s).
+Liveness = Callable[[], Awaitable[bool]]
+WATCH_SECONDS = 2.0
 _UNSENDABLE_CLOSE = {0: 1000, 1005: 1000, 1006: 1011, 1015: 1011}  # close codes no close frame may carry
 
 
@@ -233,9 +237,11 @@ class Proxy:
         headers: CIMultiDict[str],
         slot: Slot | None = None,
         cookies: CookieFilter | None = None,
+        alive: Liveness | None = None,
     ) -> web.StreamResponse:
         """Bridge a WebSocket (in ``slot``, when one was held for it): the app's handshake first (its refusal is
-        relayed as is), then every message. ``cookies`` filters the handshake answer's Set-Cookie headers."""
+        relayed as is), then every message. ``cookies`` filters the handshake answer's Set-Cookie headers; once
+        ``alive`` says no, the WebSocket is closed (1008)."""
         if slot is None:
             try:
                 async with asyncio.timeout(upstream.connect_timeout):
@@ -245,13 +251,13 @@ class Proxy:
                 log.warning("upstream_unreachable", upstream=upstream.authority, error="UpstreamTimeout")
                 return _plain(504, "The upstream application did not accept the WebSocket.\n")
         try:
-            return await self._bridge(request, upstream, raw_path, query, headers, cookies)
+            return await self._bridge(request, upstream, raw_path, query, headers, cookies, alive)
         finally:
             slot.release()
 
     async def _bridge(
         self, request: web.Request, upstream: Upstream, raw_path: str, query: str, headers: CIMultiDict[str],
-        cookies: CookieFilter | None,
+        cookies: CookieFilter | None, alive: Liveness | None,
     ) -> web.StreamResponse:  # fmt: skip
         protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in v.split(",")]
         for name in _WS_HANDSHAKE:
@@ -294,7 +300,7 @@ class Proxy:
             await app_ws.close(code=1001)
             raise
         request[STREAMING] = True
-        await _bridge(client_ws, app_ws)
+        await _bridge(client_ws, app_ws, alive)
         return client_ws
 
 
@@ -395,21 +401,28 @@ def _plain(status: int, text: str, *, close: bool = False) -> web.Response:
     return response
 
 
-async def _bridge(client: web.WebSocketResponse, app: aiohttp.ClientWebSocketResponse) -> None:
-    """Relay messages both ways until one side closes or goes away; then close the other side the same way."""
+async def _bridge(
+    client: web.WebSocketResponse, app: aiohttp.ClientWebSocketResponse, alive: Liveness | None = None
+) -> None:
+    """Relay messages both ways until one side closes or goes away; then close the other side the same way. With
+    ``alive``, asked every :data:`WATCH_SECONDS`: once it says no, both sides are closed with 1008."""
     to_app = asyncio.create_task(_pump(client, app))
     to_client = asyncio.create_task(_pump(app, client))
+    watcher = asyncio.create_task(_watch(alive)) if alive is not None else None
+    tasks = (to_app, to_client) if watcher is None else (to_app, to_client, watcher)
     try:
-        done, _ = await asyncio.wait((to_app, to_client), return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (to_app, to_client):
+        for task in tasks:
             task.cancel()
-        for task in (to_app, to_client):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
     first = to_app if to_app in done else to_client
     closed = None if first.cancelled() or first.exception() is not None else first.result()
-    if closed is None:  # a side went away without a close frame
+    if watcher is not None and watcher in done and not watcher.cancelled() and watcher.exception() is None:
+        code, reason = 1008, "impersonation session ended"
+    elif closed is None:  # a side went away without a close frame
         code, reason = (1001, "") if first is to_app else (1011, "")
     else:
         code, reason = _UNSENDABLE_CLOSE.get(closed[0], closed[0]), closed[1]
@@ -418,6 +431,17 @@ async def _bridge(client: web.WebSocketResponse, app: aiohttp.ClientWebSocketRes
         client.close(code=code, message=reason.encode()), app.close(code=code, message=reason.encode()),
         return_exceptions=True,
     )  # fmt: skip
+
+
+async def _watch(alive: Liveness) -> None:
+    """Return once ``alive()`` says no (a failing check counts as yes: a store hiccup closes nothing)."""
+    while True:
+        await asyncio.sleep(WATCH_SECONDS)
+        try:
+            if not await alive():
+                return
+        except Exception:  # StoreUnavailable, a cancelled batch: ask again next time
+            continue
 
 
 async def _pump(

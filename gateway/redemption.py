@@ -44,7 +44,7 @@ from .dialects import Dialect, Where
 from .errors import GatewayError, GrantRefused, RequestTimeout, StoreUnavailable
 from .logging import REQUEST_ID, bind_request, unexpected
 from .native import problem
-from .proxy import ASSERTION_HEADER, CookieFilter, Proxy, Slot, Upstream
+from .proxy import ASSERTION_HEADER, CookieFilter, Liveness, Proxy, Slot, Upstream
 from .routing import Route, Target
 from .session_rules import permitted
 from .sessions import END_PATH, INFO_PATH, Session, cookie_name, expire_cookie, set_cookie
@@ -302,6 +302,7 @@ class Redeemer:
         prefix: bytes = b"",
         held: Held | Slot | None = None,
         cookies: CookieFilter | None = None,
+        alive: Liveness | None = None,
     ) -> web.StreamResponse:
         upstream = self.upstreams[app.name]
         raw_path, query = route.raw_path(target), target.query if query is None else query
@@ -310,7 +311,7 @@ class Redeemer:
             _drop_cookies(headers, session_route.names)
         if _is_websocket(request):
             slot = held if isinstance(held, Slot) else None
-            return await self.proxy.bridge(request, upstream, raw_path, query, headers, slot, cookies)
+            return await self.proxy.bridge(request, upstream, raw_path, query, headers, slot, cookies, alive)
         if body is None and method is None and request.body_exists:
             read = await self._read_body(request)
             if isinstance(read, web.Response):
@@ -342,6 +343,14 @@ class Redeemer:
             return [*await self.sessions.keep(session, values), *extra]
 
         return keep
+
+    def _alive(self, session: Session) -> Liveness:
+        """Whether ``session`` is still there (a WebSocket of it is closed once it is not)."""
+
+        async def alive() -> bool:
+            return await self.sessions.alive(session.id)
+
+        return alive
 
     async def _in_session(
         self, request: web.Request, target: Target, route: Route, raw_body: bytes | None, session_route: SessionRoute
@@ -390,7 +399,7 @@ class Redeemer:
         status = 500
         try:
             response = await self._forward(request, target, route, app, raw_body, headers,
-                                           cookies=self._keeper(session))  # fmt: skip
+                                           cookies=self._keeper(session), alive=self._alive(session))  # fmt: skip
             status = response.status
             return response
         finally:

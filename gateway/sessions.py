@@ -272,6 +272,10 @@ class Sessions:
             return Resumption("ended", session, why)
         return Resumption("live", session)
 
+    async def alive(self, sid: str) -> bool:
+        """Whether the session is still there, touching nothing (a WebSocket of it asks every few seconds)."""
+        return (await self.store.session_store.exist([sid]))[0]
+
     def _no_longer_allowed(self, session: Session) -> str | None:
         """``actor_removed`` when the session's actor is no longer one of its app's principals with the same
         credential and a role that may mint (read from memory: no round trip); else None."""

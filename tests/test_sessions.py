@@ -407,6 +407,33 @@ async def test_end_redirects_to_end_url(start: Factory, app: App) -> None:
     assert (response.status, response.headers["Location"]) == (303, "/bye")
 
 
+# -- WebSockets ----------------------------------------------------------------------------------------------------
+async def test_a_websocket_of_the_session_is_closed_when_it_ends(gw: Gateway, app: App) -> None:
+    cookie, _ = await gw.start()
+    async with gw.client.ws_connect("/ws", headers={"Cookie": f"{COOKIE}={cookie}"}) as ws:
+        assert "ws_sid" not in str(ws._response.headers)  # kept, as the 101's HttpOnly cookies are
+        assert app.claims()["sid"] == session_id(cookie)
+        assert COOKIE not in app.requests[-1].headers.get("Cookie", "")
+        await ws.send_str("hello")
+        assert (await ws.receive(timeout=5)).data == "hello"
+        ended = await gw.client.post("/_impersonation/end", headers={"Cookie": f"{COOKIE}={cookie}"})
+        assert ended.status == 200
+        started = time.monotonic()
+        message = await ws.receive(timeout=10)
+        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1008
+        assert time.monotonic() - started < 5
+    await gw.get("/after", cookie, Cookie="x=1")
+    assert "ws_sid" not in app.cookies()
+
+
+async def test_a_read_only_session_s_websocket_is_refused(gw: Gateway, app: App) -> None:
+    cookie, _ = await gw.start(mode="read_only")
+    seen = len(app.requests)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await gw.client.ws_connect("/ws", headers={"Cookie": f"{COOKIE}={cookie}"})
+    assert refused.value.status == 403 and len(app.requests) == seen
+
+
 # -- cap and idle --------------------------------------------------------------------------------------------------
 async def test_the_cap_ends_a_session_however_busy(gw: Gateway, app: App) -> None:
     cookie, _ = await gw.start()
