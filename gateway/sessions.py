@@ -210,6 +210,7 @@ class Sessions:
         self.audit = audit
         self.directory = directory
         self.clock = clock
+        self._missing: set[tuple[str, str]] = set()  # (app, session id) the last sweep found indexed but gone
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -383,20 +384,27 @@ class Sessions:
     async def sweep(self) -> None:
         """Audit the sessions Redis expired (``max_age`` or ``idle``), and end those whose subject is no longer
         active in the same incarnation (``subject_inactive``) or whose actor is gone (``actor_removed``): every
-        process runs it once a directory refresh, so such an end is seen within ``directory.refresh_seconds``."""
+        process runs it once a directory refresh, so such an end is seen within ``directory.refresh_seconds``.
+
+        A session is taken for expired only when two sweeps in a row find it gone from Redis and still indexed: an
+        end in progress (its key deleted, its index entry not yet) is audited by whoever ended it."""
         now = self._now_ms()
+        missing: set[tuple[str, str]] = set()
         for app in (a for a in self.config.apps if a.session is not None):
             entries = await self.store.session_store.indexed(app.name)
             if not entries:
                 continue
             live = await self.store.session_store.exist([s for s, _ in entries])
-            gone = [(s, orjson.loads(e)) for (s, e), here in zip(entries, live, strict=True) if not here]
+            missing |= {(app.name, s) for (s, _), here in zip(entries, live, strict=True) if not here}
+            gone = [(s, orjson.loads(e)) for (s, e), here in zip(entries, live, strict=True)
+                    if not here and (app.name, s) in self._missing]  # fmt: skip
             dropped = await self.store.session_store.unindex(app.name, [s for s, _ in gone])
             for (sid, summary), mine in zip(gone, dropped, strict=True):
                 if mine:
                     who = {"session_id": sid, "app": app.name, "actor": summary["actor"], "subject": summary["subject"]}
                     await self.audit.session_ended(who, "max_age" if now >= summary["cap"] else "idle")
             await asyncio.gather(*(self._check(s, app) for (s, _), here in zip(entries, live, strict=True) if here))
+        self._missing = missing
 
     async def _check(self, sid: str, app: AppConfig) -> None:
         fields = await self.store.session_store.peek(sid)

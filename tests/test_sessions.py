@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import fakeredis
 import jwt
 import pytest
 from aiohttp import web
@@ -234,9 +235,17 @@ async def test_requests_of_the_session_carry_a_fresh_assertion_and_never_the_coo
     assert len(jtis) == 4
 
 
-async def test_a_session_request_is_one_round_trip(gw: Gateway, app: App) -> None:
+async def test_a_session_request_is_one_round_trip(start: Factory, app: App) -> None:
+    gw = await start(directory={"refresh_seconds": 3600})  # no refresh (nor sweep) sends anything meanwhile
     cookie, _ = await gw.start()
     await gw.get("/warm", cookie)  # the script is cached by Redis now
+    real_server = not isinstance(gw.redis, fakeredis.FakeAsyncRedis)
+
+    async def calls() -> dict[str, int]:
+        stats = await gw.redis.info("commandstats") if real_server else {}
+        return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
+
+    before = await calls()
     pipelines = []
     real = gw.redis.pipeline
 
@@ -258,6 +267,10 @@ async def test_a_session_request_is_one_round_trip(gw: Gateway, app: App) -> Non
     finally:
         gw.redis.pipeline = real
     assert pipelines == [["EVALSHA"]]  # read, check and touch in one script; nothing else
+    if real_server:  # INFO commandstats on the real server: what that script does
+        after = await calls()
+        delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0) and k != "info"}
+        assert delta == {"evalsha": 1, "hgetall": 1, "hset": 1, "pexpireat": 1}
     (line,) = [e for e in logs if e["event"] == "session_request"]
     assert (line["method"], line["path"], line["status"], line["session_id"]) == ("GET", "/counted", 200,
                                                                                   session_id(cookie))  # fmt: skip
@@ -461,6 +474,8 @@ async def test_idle_ends_a_session(gw: Gateway, app: App) -> None:
 async def test_a_session_redis_expired_is_audited_by_the_sweep(gw: Gateway, app: App) -> None:
     cookie, _ = await gw.start()
     await gw.redis.delete(f"{gw.prefix}session:{{{session_id(cookie)}}}")  # as its TTL would
+    await gw.sessions.sweep()  # gone: the next sweep audits it, unless whoever ended it has
+    await until("the sweep to audit the expired session", lambda: audit(gw, "session_ended"))
     await gw.sessions.sweep()
     await gw.sessions.sweep()  # once only
     (ended,) = await audit(gw, "session_ended")
