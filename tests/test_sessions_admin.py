@@ -15,7 +15,7 @@ from gateway.app import create_app
 from gateway.directory import parse_directory
 from gateway.sessions import session_id
 from gateway.store import Store
-from tests.conftest import DIRECTORY, KEY, Upstream, free_port, make_config
+from tests.conftest import DIRECTORY, KEY, Upstream, free_port, make_config, until
 
 REVOKER, PROVISIONER = "ops-revoke-token", "idp-scim-token"
 MANAGER = "vY5fwetestK3gJXZH5uHCw"  # mgr-1, reseller 1
@@ -116,3 +116,23 @@ async def test_revocations_end_the_matching_sessions(gw: Gateway) -> None:
     assert not await gw.live(theirs)
     # an app without sessions answers as it always has
     assert await gw.call("POST", "/v1/revocations", {"app": "analytics"}) == (200, {"revoked": 0})
+
+
+async def test_scim_deactivation_and_deletion_end_the_subject_s_sessions(gw: Gateway) -> None:
+    deactivated, deleted, other = await gw.session(), await gw.session(OWNER, "707"), await gw.session(subject="808")
+    scim = f"{gw.admin}/scim/v2/control-panel/Users"
+    headers = {"Authorization": f"Bearer {PROVISIONER}"}
+    patch = {"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+             "Operations": [{"op": "replace", "path": "active", "value": False}]}  # fmt: skip
+    async with gw.http.patch(f"{scim}/505", json=patch, headers=headers) as response:
+        assert response.status == 200
+    async with gw.http.delete(f"{scim}/707", headers=headers) as response:
+        assert response.status == 204
+
+    async def both_ended() -> bool:
+        return not await gw.live(deactivated) and not await gw.live(deleted)
+
+    await until("the subjects' sessions to end", both_ended)
+    assert await gw.live(other)
+    whys = {e["session_id"]: e["why"] for e in await gw.audit("session_ended")}
+    assert whys == {session_id(deactivated): "subject_inactive", session_id(deleted): "subject_inactive"}
