@@ -197,6 +197,21 @@ async def test_a_redemption_starts_a_session(gw: Gateway, app: App) -> None:
     assert "app_sid" not in set_cookies(response)
 
 
+async def test_a_confirmed_link_starts_a_session_too(start: Factory, app: App) -> None:
+    gw = await start({"control-panel": {**APPS["control-panel"], "redeem_on_get": False}})
+    grant = await gw.mint()
+    link = "/" + grant["login_url"].split("/", 3)[3]
+    page = await gw.client.get(link)
+    assert page.status == 200 and COOKIE not in set_cookies(page) and not app.requests
+    confirmed = await gw.client.post(link, data={"impersonation_confirm": "1"})
+    assert confirmed.status == 200
+    cookie = set_cookies(confirmed)[COOKIE]["value"]
+    assert app.requests[-1].method == "GET" and app.claims()["sid"] == session_id(cookie)
+    assert "app_sid" not in set_cookies(confirmed)
+    await gw.get("/next", cookie)
+    assert app.cookies() == {"app_sid": "secret-1"}
+
+
 async def test_https_public_url_gets_a_host_prefixed_secure_cookie(start: Factory, app: App) -> None:
     gw = await start({"control-panel": {**APPS["control-panel"], "public_url": "https://panel.example.com"}})
     grant = await gw.mint()
