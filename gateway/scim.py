@@ -415,11 +415,15 @@ class Users:
         self, app: str, request: web.Request, fn: Callable[[Subject | None], Awaitable[Subject | None]]
     ) -> Subject | None:
         """The store's compare-and-retry write of the subject the path names (:meth:`DirectoryStore.change`); 409
-        when other writers keep changing it."""
+        when other writers keep changing it. A subject deleted or deactivated loses its impersonation sessions at
+        once (the directory sweep would end them within a refresh; an admin's change should not wait for it)."""
         try:
-            return await self.store.change(app, request.match_info["id"], fn)
+            subject = await self.store.change(app, request.match_info["id"], fn)
         except Contended:
             raise ScimError(409, "the user keeps changing: try again") from None
+        if self.gateway.config.app(app).session is not None and (subject is None or not subject.active):
+            await self.gateway.sessions.end_matching(app, "subject_inactive", subject=request.match_info["id"])
+        return subject
 
     # -- helpers --------------------------------------------------------------------------------------
     def _app(self, request: web.Request) -> str:
