@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterable
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -50,6 +51,9 @@ BUFFER_LIMIT = 64 * 1024  # upstream answers up to this size (with a Content-Len
 ASSERTION_HEADER = "X-Impersonation-Assertion"
 HANDSHAKE_SECONDS = 30.0  # the longest wait for an app's answer to a WebSocket handshake, whatever read_timeout
 WITHHELD = "The application's answer held the sign-in assertion; it is withheld.\n"
+BANNER_LIMIT = 2 * 1024 * 1024  # a session's HTML page up to this size gets the banner (DESIGN §13); larger ones stream
+_BODY_END = re.compile(r"</body\s*>", re.IGNORECASE)
+_CHANGED_DROPS = ("ETag", "Content-MD5", "Digest", "Content-Digest", "Repr-Digest")  # they describe the app's bytes
 
 # RFC 9110 §7.6.1: these describe one connection, not the message, and are never forwarded.
 HOP_BY_HOP = frozenset(
@@ -201,11 +205,14 @@ class Proxy:
         prefix: bytes = b"",
         held: Held | None = None,
         cookies: CookieFilter | None = None,
+        banner: str | None = None,
     ) -> web.StreamResponse:
         """Send the request to ``upstream`` (on ``held`` first, when given) and stream its answer back (502
         unreachable or garbled, 504 too slow). A StreamReader ``body`` streams after ``prefix``, the part of it
         already read. A request carrying the assertion never has it echoed back (see the module docstring).
-        ``cookies`` decides which Set-Cookie headers of the answer the client gets."""
+        ``cookies`` decides which Set-Cookie headers of the answer the client gets; ``banner`` (an impersonation
+        session's notice, HTML) goes before the last ``</body>`` of an unencoded ``text/html`` answer of up to
+        :data:`BANNER_LIMIT` bytes (see :func:`with_banner`)."""
         stalled = [False]
         data = bodies.stream(body, self.body_timeout, stalled, prefix) if isinstance(body, StreamReader) else body
         pool = self.http.pool(upstream.host, upstream.port, upstream.scheme == "https")
@@ -214,7 +221,7 @@ class Proxy:
                 pool, method or request.method, upstream.target(raw_path, query), upstream.authority, headers, data,
                 connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout, held=held,
             ) as answer:  # fmt: skip
-                return await _relay(request, answer, expire_cookies, headers.get(ASSERTION_HEADER), cookies)
+                return await _relay(request, answer, expire_cookies, headers.get(ASSERTION_HEADER), cookies, banner)
         except (aiohttp.ClientError, OSError, ValueError, HttpProcessingError) as exc:  # TimeoutError is an OSError
             if request.get(STREAMING):  # the answer has begun: all that is left is to cut the connection
                 raise
@@ -320,10 +327,19 @@ class Slot:
 
 async def _relay(
     request: web.Request, answer: Answer, expire_cookies: Iterable[str], assertion: str | None,
-    cookies: CookieFilter | None = None,
+    cookies: CookieFilter | None = None, banner: str | None = None,
 ) -> web.StreamResponse:  # fmt: skip
     length = answer.content_length
     small = length is not None and length <= BUFFER_LIMIT and request.method != "HEAD"
+    # A page that may get the banner is read first (up to BANNER_LIMIT, then what came streams on unchanged).
+    read: bytes | None = None
+    if banner is not None and request.method != "HEAD" and _takes_banner(answer):
+        if length is not None:
+            if length <= BANNER_LIMIT:
+                read, small = await answer.body.read(), True
+        else:
+            read = await _read_up_to(answer.body, BANNER_LIMIT + 1)
+            small = len(read) <= BANNER_LIMIT
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in answer.headers.items():
         lower = name.lower()
@@ -337,12 +353,18 @@ async def _relay(
     secret = assertion.rpartition(".")[2].encode() if assertion else None
     # A small answer of known length goes back in one write; anything else streams as it comes.
     if small:
-        body = await answer.body.read()
+        body = read if read is not None else await answer.body.read()
         if secret is not None and _holds(body, secret, answer.headers):
             _withheld(request, answer.status)
             headers = CIMultiDict((n, v) for n, v in headers.items() if not n.lower().startswith(_ABOUT_BODY))
             body = WITHHELD.encode()
             headers["Content-Type"] = "text/plain; charset=utf-8"
+        elif read is not None and banner is not None:
+            changed = with_banner(body, banner, answer.headers.get("Content-Type", ""))
+            if changed is not None:
+                body = changed
+                for name in _CHANGED_DROPS:
+                    headers.popall(name, None)
         response = web.Response(status=answer.status, reason=answer.reason, headers=headers)
         _expire(response, expire_cookies)
         response.body = body
@@ -352,11 +374,13 @@ async def _relay(
     await streamed.prepare(request)
     request[STREAMING] = True
     if secret is None:
+        if read:
+            await streamed.write(read)
         async for chunk in answer.body.iter_any():
             await streamed.write(chunk)
     else:  # the last bytes of each chunk wait for the next: the signature may straddle two
         keep, tail = len(secret) - 1, b""
-        async for chunk in answer.body.iter_any():
+        async for chunk in _chained(read, answer.body):
             chunk = tail + chunk
             if secret in chunk:
                 _withheld(request, answer.status)
@@ -369,6 +393,58 @@ async def _relay(
 
 
 _ABOUT_BODY = ("content-", "etag", "digest", "last-modified")
+
+
+def _takes_banner(answer: Answer) -> bool:
+    """Whether an answer may get a session's banner: a ``text/html`` body, not encoded (nor a status without a
+    body)."""
+    if answer.status < 200 or answer.status in (204, 304):
+        return False
+    if any(e.strip().lower() not in ("", "identity") for v in answer.headers.getall("Content-Encoding", ())
+           for e in v.split(",")):  # fmt: skip
+        return False
+    media = answer.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    return media == "text/html"
+
+
+def with_banner(body: bytes, banner: str, content_type: str) -> bytes | None:
+    """``body`` (an HTML page of ``content_type``) with ``banner`` put before its last ``</body>``, in the page's
+    charset (utf-8 unless the Content-Type names another); None when the page stays as it is: it has no
+    ``</body>``, or does not decode (or encode back) in its charset."""
+    charset = "utf-8"
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"'):
+            charset = value.strip().strip('"')
+    try:
+        text = body.decode(charset)
+        ends = [match.start() for match in _BODY_END.finditer(text)]
+        if not ends:
+            return None
+        return (text[: ends[-1]] + banner + text[ends[-1] :]).encode(charset, errors="xmlcharrefreplace")
+    except (LookupError, UnicodeError):
+        return None
+
+
+async def _read_up_to(body: StreamReader, limit: int) -> bytes:
+    """Read ``body`` until its end or ``limit`` bytes, whichever comes first."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await body.read(limit - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
+async def _chained(first: bytes | None, body: StreamReader) -> AsyncIterator[bytes]:
+    """``first`` (what was already read of ``body``, if anything), then the rest of ``body`` as it comes."""
+    if first:
+        yield first
+    async for chunk in body.iter_any():
+        yield chunk
 
 
 def _holds(body: bytes, secret: bytes, headers: CIMultiDictProxy[str]) -> bool:

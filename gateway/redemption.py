@@ -241,9 +241,10 @@ class Redeemer:
         headers[ASSERTION_HEADER] = redemption.assertion
         app = self.config.app(redemption.app)
         cookies: CookieFilter | None = None
+        banner: str | None = None
         if app.session is not None:  # the redemption starts a session: its first request
             try:
-                cookies = await self._start(request, app, redemption.grant, client, headers)
+                cookies, banner = await self._start(request, app, redemption.grant, client, headers)
             except StoreUnavailable as exc:
                 return self.dialects[app.dialect].error_response(exc)
         connection = held.pop(self.upstreams[app.name], None)
@@ -252,14 +253,14 @@ class Redeemer:
             for name in ("Content-Type", "Content-Length", "Content-Encoding"):
                 headers.popall(name, None)
             return await self._forward(request, target, route, app, None, headers, query=query, method="GET",
-                                       held=connection, cookies=cookies)  # fmt: skip
+                                       held=connection, cookies=cookies, banner=banner)  # fmt: skip
         if body_fields and decoded is not None:  # the body loses its carrier (and is sent decoded)
             body = strip_body(decoded, body_fields)
             for name in ("Content-Length", "Content-Encoding"):
                 headers.popall(name, None)
         expire = {f.carrier.name for f in found if f.carrier.where is Where.COOKIE and f.offer.token in tokens}
         return await self._forward(request, target, route, app, body, headers, query=query, expire=expire,
-                                   prefix=prefix, held=connection, cookies=cookies)  # fmt: skip
+                                   prefix=prefix, held=connection, cookies=cookies, banner=banner)  # fmt: skip
 
     def _cross_site(self, request: web.Request, app: AppConfig) -> bool:
         """Whether a POST says it comes from another site: a login link posted by someone else's page would log
@@ -303,6 +304,7 @@ class Redeemer:
         held: Held | Slot | None = None,
         cookies: CookieFilter | None = None,
         alive: Liveness | None = None,
+        banner: str | None = None,
     ) -> web.StreamResponse:
         upstream = self.upstreams[app.name]
         raw_path, query = route.raw_path(target), target.query if query is None else query
@@ -319,22 +321,33 @@ class Redeemer:
             body, prefix = read
         return await self.proxy.forward(request, upstream, raw_path, query, headers, body, method=method,
                                         expire_cookies=expire, prefix=prefix,
-                                        held=held if isinstance(held, Held) else None, cookies=cookies)  # fmt: skip
+                                        held=held if isinstance(held, Held) else None, cookies=cookies,
+                                        banner=banner)  # fmt: skip
 
     # -- sessions -------------------------------------------------------------------------------------
     async def _start(
         self, request: web.Request, app: AppConfig, grant: Grant, client: str, headers: CIMultiDict[str]
-    ) -> CookieFilter:
+    ) -> tuple[CookieFilter, str | None]:
         """Start a session of ``grant`` (ending the one the request carries: ``replaced``); ``headers`` get its
-        assertion and lose the session cookie; the answer's cookies filter keeps the app's and sets the session's.
-        Raises StoreUnavailable."""
+        assertion and lose the session cookie; the answer's cookies filter keeps the app's and sets the session's;
+        with it, the banner for the answer (see :meth:`_banner`). Raises StoreUnavailable."""
         session_route = request.get(SESSION_ROUTE)
         if session_route is not None and session_route.cookie is not None:
             await self.sessions.end_cookie(session_route.cookie[1], "replaced")
         value, session = await self.sessions.start(app, grant, grant.mode or "full", client, request[REQUEST_ID])
         headers[ASSERTION_HEADER] = self.sessions.assertion(session, jti=grant.id)
         name = self._cookie_names[app.name]
-        return self._keeper(session, [set_cookie(name, value, secure=name.startswith("__Host-"))])
+        keeper = self._keeper(session, [set_cookie(name, value, secure=name.startswith("__Host-"))])
+        return keeper, self._banner(request, app, session, headers)
+
+    def _banner(self, request: web.Request, app: AppConfig, session: Session, headers: CIMultiDict[str]) -> str | None:
+        """The banner for a request of ``session`` (None when the app has ``banner: false``); a request whose
+        Accept prefers HTML asks the app for an unencoded answer, so that its page can take the banner."""
+        if app.session is None or not app.session.banner:
+            return None
+        if prefers_html(request.headers.get("Accept", "")):
+            headers["Accept-Encoding"] = "identity"
+        return session.banner(app.mount)
 
     def _keeper(self, session: Session, extra: Sequence[str] = ()) -> CookieFilter:
         """The filter of a session's answer: its HttpOnly cookies kept in the session, ``extra`` added."""
@@ -396,10 +409,12 @@ class Redeemer:
         if cookie is not None:
             headers["Cookie"] = cookie
         headers[ASSERTION_HEADER] = self.sessions.assertion(session)
+        banner = None if _is_websocket(request) else self._banner(request, app, session, headers)
         status = 500
         try:
             response = await self._forward(request, target, route, app, raw_body, headers,
-                                           cookies=self._keeper(session), alive=self._alive(session))  # fmt: skip
+                                           cookies=self._keeper(session), alive=self._alive(session),
+                                           banner=banner)  # fmt: skip
             status = response.status
             return response
         finally:

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import html
 import re
 import secrets
 import time
@@ -79,6 +80,35 @@ def session_id(cookie: str) -> str:
 
 def rfc3339(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_BANNER_STYLE = (
+    "position:fixed;left:0;right:0;bottom:0;z-index:2147483647;display:flex;flex-wrap:wrap;gap:12px;"
+    "align-items:center;justify-content:center;margin:0;padding:8px 12px;background:#8a1c1c;color:#fff;"
+    "font:14px/1.4 system-ui,-apple-system,'Segoe UI',sans-serif;box-shadow:0 -2px 6px rgba(0,0,0,.25)"
+)
+_BUTTON_STYLE = (
+    "margin:0;padding:4px 12px;border:1px solid #fff;border-radius:4px;background:#fff;color:#8a1c1c;"
+    "font:inherit;font-weight:600;cursor:pointer"
+)
+
+
+def banner(actor: str, subject: str, until_ms: int, mount: str = "") -> str:
+    """The notice put into a session's HTML pages (DESIGN §13): who acts as whom, until when (the cap, ``HH:MM
+    UTC``), and an End button, a form posting to ``/_impersonation/end`` below the app's ``mount`` (no script
+    needed). Every value is HTML-escaped."""
+
+    def e(value: str) -> str:
+        return html.escape(value, quote=True)
+
+    until = datetime.fromtimestamp(until_ms / 1000, UTC).strftime("%H:%M UTC")
+    return (
+        f'<div id="impersonation-banner" role="status" style="{_BANNER_STYLE}">'
+        f"<span>Impersonation: <strong>{e(actor)}</strong> is acting as <strong>{e(subject)}</strong> until "
+        f"{e(until)}</span>"
+        f'<form method="post" action="{e(mount + END_PATH)}" style="margin:0">'
+        f'<button type="submit" style="{_BUTTON_STYLE}">End impersonation</button></form></div>'
+    )
 
 
 @dataclass(frozen=True)
@@ -167,6 +197,10 @@ class Session:
     def who(self) -> dict[str, str]:
         """What the audit records of the session."""
         return {"session_id": self.id, "app": self.app, "actor": self.grant.actor, "subject": self.grant.subject}
+
+    def banner(self, mount: str = "") -> str:
+        """The notice for this session's HTML pages (see :func:`banner`)."""
+        return banner(self.grant.actor, self.grant.subject, self.cap_ms, mount)
 
     def describe(self) -> dict[str, Any]:
         """The session as ``GET /_impersonation/session`` and the admin list show it."""

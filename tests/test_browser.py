@@ -3,17 +3,20 @@ gateway and the demo app as real processes on a real Redis, with the demo's conf
 
 Mint through a dialect (ActivePlatform, with a reason), open the login link (the confirmation page a browser
 without script sees), sign in (the demo app names the customer and who acts as them), open the link again (the
-refusal page). Each step is a screenshot: in a temporary folder, or in ``$SCREENSHOTS_DIR`` (``make
-screenshots`` writes the README's, in ``docs/``).
+refusal page). Then, with the app holding impersonation sessions: the gateway's banner on the app's pages, and
+its End button signing the browser out. Each step is a screenshot: in a temporary folder, or in
+``$SCREENSHOTS_DIR`` (``make screenshots`` writes the README's, in ``docs/``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
@@ -47,12 +50,18 @@ class Demo:
     shots: Path
 
 
-@pytest.fixture
-async def demo(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Demo]:
-    """``make run``'s demo on a real Redis: the gateway with config.yaml's apps and directory.yaml, the demo app."""
+@asynccontextmanager
+async def running_demo(tmp_path: Path, redis_server: RedisServer, session_app: str | None) -> AsyncIterator[Demo]:
+    """``make run``'s demo on a real Redis: the gateway with config.yaml's apps and directory.yaml, the demo app.
+    Only ``session_app`` (if any) holds impersonation sessions, whatever config.yaml says of the others."""
     gateway_port, demo_port = free_port(), free_port()
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
-    apps = {name: {**app, "upstream": f"http://127.0.0.1:{demo_port}"} for name, app in config["apps"].items()}
+    apps = {
+        name: {**{k: v for k, v in app.items() if k != "session"}, "upstream": f"http://127.0.0.1:{demo_port}"}
+        for name, app in config["apps"].items()
+    }
+    if session_app is not None:
+        apps[session_app]["session"] = {}  # the defaults: a banner, the gateway's own end page
     key = tmp_path / "signing.pem"
     generate_key_file(key)
     directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
@@ -71,6 +80,20 @@ async def demo(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Demo]
     with processes.running(proc, app):
         await processes.wait_ready(gateway, proc)
         yield Demo(gateway, shots)
+
+
+@pytest.fixture
+async def demo(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Demo]:
+    """The demo with no app holding sessions: the login hands the customer's session to the app."""
+    async with running_demo(tmp_path, redis_server, None) as running:
+        yield running
+
+
+@pytest.fixture
+async def session_demo(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Demo]:
+    """The demo with control-panel holding impersonation sessions (DESIGN §13)."""
+    async with running_demo(tmp_path, redis_server, "control-panel") as running:
+        yield running
 
 
 @pytest.fixture
@@ -137,4 +160,39 @@ async def test_a_support_agent_signs_in_as_a_customer_once(demo: Demo, browser: 
     await shot(page, demo, "3-refused.png")
     await fresh.close()
     await context.close()
-    assert sorted(p.name for p in demo.shots.iterdir()) == ["1-confirmation.png", "2-signed-in.png", "3-refused.png"]
+    assert {"1-confirmation.png", "2-signed-in.png", "3-refused.png"} <= {p.name for p in demo.shots.iterdir()}
+
+
+async def test_a_session_shows_the_banner_and_its_end_button_signs_out(session_demo: Demo, browser: Browser) -> None:
+    demo = session_demo
+    link = await login_link(demo)
+    # Tall enough that the notice, fixed at the bottom of the window, covers none of the page.
+    context = await browser.new_context(viewport={"width": 900, "height": 560})
+    page = await context.new_page()
+    async with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        await page.goto(link)
+    assert (await posted.value).status == 200
+    assert await page.inner_text("h1") == "signed in as 505 — impersonated by mgr-1"
+    # The gateway's notice: who acts as whom, until when, and an End button.
+    notice = page.locator("#impersonation-banner")
+    await notice.wait_for(state="visible")
+    assert re.fullmatch(r"Impersonation: mgr-1 is acting as 505 until \d\d:\d\d UTC\s*End impersonation",
+                        (await notice.inner_text()).strip())  # fmt: skip
+    await shot(page, demo, "4-banner.png")
+    # The app's own login cookie stays in the gateway; the browser holds only the gateway's session cookie.
+    assert {c["name"] for c in await context.cookies()} == {"impersonation_session"}
+
+    # Another page of the app: still the session, still the notice.
+    await page.goto(demo.gateway + "/invoices")
+    assert await page.inner_text("h1") == "signed in as 505 — impersonated by mgr-1"
+    assert await page.locator("#impersonation-banner").count() == 1
+
+    # End: the gateway's end page, and the app no longer knows the browser.
+    async with page.expect_navigation():
+        await page.get_by_role("button", name="End impersonation").click()
+    assert await page.inner_text("h1") == "Impersonation ended"
+    assert await context.cookies() == []
+    await page.goto(demo.gateway + "/invoices")
+    assert await page.inner_text("h1") == "not signed in"
+    assert await page.locator("#impersonation-banner").count() == 0
+    await context.close()
