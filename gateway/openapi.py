@@ -11,7 +11,9 @@ What the code declares is read, never restated:
 
 The rest (vendor request and success schemas, summaries, descriptions) is prose in :mod:`gateway.openapi_prose`.
 The document does not depend on the config: paths are relative to an app's mount; ``--config`` only narrows it
-to the dialects the config's apps speak. ``gateway/openapi.yaml`` is this module's output for every dialect,
+to the dialects the config's apps speak. The session endpoints (``/_impersonation/end`` and ``/_impersonation/session``,
+:mod:`gateway.sessions`) are always described: they exist on the route of any app with ``session``, and their
+descriptions say so. ``gateway/openapi.yaml`` is this module's output for every dialect,
 served as ``/openapi.json`` and pinned by a golden test.
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import yaml
@@ -48,8 +50,10 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .metrics import Metrics
+from .native import problem
 from .openapi_prose import PROSE
-from .redemption import refusal_page
+from .redemption import _ended_page, refusal_page, session_refusal
+from .sessions import END_PATH, INFO_PATH
 
 VERSION = "3.1.0"
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -126,6 +130,8 @@ def document(dialects: Iterable[str] = DIALECTS) -> dict[str, Any]:
     paths[native.PATH] = _native_path(prose["operations"]["native"], responses)
     for path, operation in OPERATIONS.items():
         paths[path] = _ops_path(path, operation.every_host, prose["operations"]["gateway"][f"GET {path}"])
+    paths.update(_session_paths(prose["operations"]["sessions"], responses))
+    responses["SessionRefused"] = _session_refused()
     for dialect in found.values():
         for status, response in _responses(dialect.name, REDEEM_ERRORS, dialect.error_response, redemption=True):
             responses[f"{dialect.name}Redeem{status}"] = response
@@ -214,6 +220,48 @@ def _ops_path(path: str, every_host: bool, prose: dict[str, Any]) -> dict[str, A
     operation["description"] = f"{description}\n\n{where}".strip() + "\n"
     operation["responses"] = {**operation["responses"], "500": {"$ref": "#/components/responses/InternalError"}}
     return {"get": _ordered(operation)}
+
+
+def _session_paths(prose: dict[str, Any], responses: dict[str, Any]) -> dict[str, Any]:
+    """``POST /_impersonation/end`` and ``GET``/``HEAD /_impersonation/session``, on the route of any app with
+    ``session``; any other method there is 405 with ``Allow``."""
+    end, info, head = (prose.pop(key) for key in (f"POST {END_PATH}", f"GET {INFO_PATH}", f"HEAD {INFO_PATH}"))
+    if prose:
+        raise LookupError(f"sessions: prose for {sorted(prose)} but no such endpoint")
+    for operation in (end, info, head):
+        operation["tags"] = ["sessions"]
+    end["responses"]["200"]["content"]["text/html"]["example"] = _body(_ended_page(None))
+    ended = {"post": _ordered(end)}
+    _not_allowed(ended, "sessions", ("POST",), _session_not_allowed, responses)
+    described = {"get": _ordered(info), "head": _ordered(head)}
+    _not_allowed(described, "sessions", ("GET", "HEAD"), _session_not_allowed, responses)
+    return {END_PATH: ended, INFO_PATH: described}
+
+
+def _session_not_allowed(error: MethodNotAllowed) -> web.Response:
+    """The 405 of another method on a session endpoint (as :class:`gateway.redemption.Redeemer` answers it)."""
+    return problem(405, "method-not-allowed", "Method not allowed", "see Allow", Allow=", ".join(error.allowed))
+
+
+class _Asking:
+    """A request as :func:`gateway.redemption.session_refusal` reads it: only its ``Accept``."""
+
+    def __init__(self, accept: str) -> None:
+        self.headers = {"Accept": accept}
+
+
+def _session_refused() -> dict[str, Any]:
+    """The 403 of a session's request its mode or a deny pattern refuses, rendered by the code for each reason."""
+    answers = [session_refusal(cast(web.Request, _Asking("application/json")), r) for r in ("read_only", "denied")]
+    page = session_refusal(cast(web.Request, _Asking("text/html")), "read_only")
+    schemas = [_fit(_body(a), _body(a)) for a in answers]
+    return {
+        "description": PROSE["session_refused"],
+        "content": {
+            answers[0].content_type: {"schema": {"anyOf": schemas}, "example": _body(answers[0])},
+            page.content_type: {"schema": {"type": "string"}, "example": _body(page)},
+        },
+    }
 
 
 def _parameters(template: str, declared: list[dict[str, Any]], headers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -396,6 +444,7 @@ def _tags(prose: dict[str, str], dialects: dict[str, Dialect], responses: dict[s
         for d in dialects.values()
     )
     tags["redemption"] = prose["redemption"].replace("{carriers}", rows)
+    tags["sessions"] = prose["sessions"]
     return [{"name": name, "description": description} for name, description in tags.items()]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import jsonschema_rs
 import pytest
 import redis.asyncio as aioredis
 import schemathesis
@@ -34,7 +35,8 @@ from gateway.dialects.btcdirect import CATALOGUE, BtcDirect
 from gateway.errors import UpstreamUnavailable
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
-from tests.conftest import KEY, GatewayFactory, Upstream, free_port, make_config
+from gateway.sessions import COOKIE, END_PATH, INFO_PATH, expire_cookie, session_id, set_cookie
+from tests.conftest import KEY, PUBLIC_URL, GatewayFactory, Upstream, free_port, make_config
 from tests.fixtures import (
     DEMO_APPS,
     DIRECTORY,
@@ -79,7 +81,9 @@ def test_description_is_valid_openapi_3_1() -> None:
     schemathesis.openapi.from_dict(copy.deepcopy(SPEC)).validate()  # against the OpenAPI 3.1 meta-schema
     assert SPEC["info"]["version"] == importlib.metadata.version("impersonation-gateway")
     for method, template, operation in operations():
-        assert set(operation["tags"]) & (DIALECT_TAGS | {"operations", "native"}), f"{method} {template}: no tag"
+        assert set(operation["tags"]) & (DIALECT_TAGS | {"operations", "native", "sessions"}), (
+            f"{method} {template}: no tag"
+        )
         assert operation["operationId"]
 
 
@@ -186,6 +190,13 @@ BTC, INFO, WITH_TOKEN = "/api/v1/user/login-token", "/api/v1/system/info", "/api
 PARTNER = {"Authorization": "Bearer btcdirect-partner-demo-token"}
 USER_ID = {"User-Identifier": "7c3f9a1e2b4d6f8091a3c5e7f9b1d3e5a7c9e1f3"}
 LONG_REASON = {"X-Impersonation-Reason": "x" * 201}
+# The demo apps, the Denovolab one holding sessions (whatever config.yaml says): the session endpoints are the
+# gateway's on its route.
+SESSION_APPS: dict[str, Any] = {
+    name: {**{k: v for k, v in app.items() if k != "session"}, **({"session": {}} if name == "switch" else {})}
+    for name, app in DEMO_APPS.items()
+}
+NO_SESSION = {"Cookie": f"{COOKIE}={'A' * 32}"}  # a well-formed cookie naming no session
 
 
 @dataclass(frozen=True)
@@ -195,7 +206,8 @@ class Scenario:
     url: str
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes | None = None
-    setup: str = "demo"  # demo | limited (one failed credential, limit 1) | down (no store) | broken | slow
+    # demo | limited (one failed credential, limit 1) | down (no store) | broken | slow | session (SESSION_APPS)
+    setup: str = "demo"
 
     @property
     def path(self) -> str:
@@ -376,21 +388,34 @@ SCENARIOS: dict[str, Scenario] = {
     "jwks-500": Scenario(500, "GET", "/.well-known/jwks.json", setup="broken"),
     "openapi-200": Scenario(200, "GET", "/openapi.json"),
     "openapi-500": Scenario(500, "GET", "/openapi.json", setup="broken"),
+    # the session endpoints, on a route with an app that holds sessions (a live session's: test_a_session_s_answers)
+    "end-200": Scenario(200, "POST", END_PATH, setup="session"),
+    "end-200-no-session": Scenario(200, "POST", END_PATH, NO_SESSION, setup="session"),
+    "end-200-own-origin": Scenario(200, "POST", END_PATH, {"Origin": PUBLIC_URL, **NO_SESSION}, setup="session"),
+    "end-403": Scenario(403, "POST", END_PATH, {"Origin": "https://elsewhere.example", **NO_SESSION}, setup="session"),
+    "end-503": Scenario(503, "POST", END_PATH, NO_SESSION, setup="down"),
+    "session-401": Scenario(401, "GET", INFO_PATH, setup="session"),
+    "session-401-no-session": Scenario(401, "GET", INFO_PATH, NO_SESSION, setup="session"),
+    "session-head-401": Scenario(401, "HEAD", INFO_PATH, NO_SESSION, setup="session"),
+    "session-503": Scenario(503, "GET", INFO_PATH, NO_SESSION, setup="down"),
 }
 
 
 # Another method on a mint, info or native path: 405 with Allow, for every method the description names.
 SCENARIOS.update(
     {
-        f"{method.lower()}-{template}-405": Scenario(405, method, sample_path(template))
+        f"{method.lower()}-{template}-405": Scenario(
+            405, method, sample_path(template), setup="session" if "sessions" in operation["tags"] else "demo"
+        )
         for method, template, operation in operations()
         if set(operation["responses"]) == {"405"}
     }
 )
 # Exercised by their own tests, which need a live grant: the app's own answer (test_a_redemption_is_the_apps_answer),
 # the app out of reach (test_a_redemption_the_app_cannot_take) and too many refused grants
-# (test_too_many_refused_redemptions).
+# (test_too_many_refused_redemptions); a live session's answers (test_a_session_s_answers_fit_the_description).
 ELSEWHERE = {("POST", WITH_TOKEN, status) for status in ("default", "502", "504", "429")}
+ELSEWHERE |= {("POST", END_PATH, "303"), ("GET", INFO_PATH, "200"), ("HEAD", INFO_PATH, "200")}
 
 
 def test_the_scenarios_reach_every_documented_status() -> None:
@@ -433,7 +458,7 @@ async def client_for(
             client = await gateway(DEMO_APPS, DIRECTORY, server=server, rate_limit={"failures": 1})
             assert (await client.get(AP.format(1) + "?account_id=505", headers={"X-Api-Token": "guess"})).status == 401
             return client
-        return await gateway(DEMO_APPS, DIRECTORY, server=server)
+        return await gateway(SESSION_APPS if setup == "session" else DEMO_APPS, DIRECTORY, server=server)
 
     return make
 
@@ -476,7 +501,7 @@ async def _send_slowly(client: TestClient[Any, Any], scenario: Scenario) -> tupl
     return int(status_line.split()[1]), headers, body
 
 
-@pytest.mark.parametrize("name", scenarios("demo", "limited", "broken", "slow"))
+@pytest.mark.parametrize("name", scenarios("demo", "limited", "broken", "slow", "session"))
 async def test_answers_fit_the_description(
     name: str, client_for: Callable[[str], Awaitable[TestClient[Any, Any]]]
 ) -> None:
@@ -489,7 +514,7 @@ async def test_outage_answers_fit_the_description(
     name: str, aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]], upstream: Upstream, prefix: str
 ) -> None:
     redis = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2)  # nothing listens
-    config = make_config(prefix, upstream.url, DEMO_APPS, store={"timeout_seconds": 0.1})
+    config = make_config(prefix, upstream.url, SESSION_APPS, store={"timeout_seconds": 0.1})
     try:
         await answer(await aiohttp_client(create_app(config, redis=redis, key=KEY)), SCENARIOS[name])
     finally:
@@ -546,3 +571,89 @@ async def test_too_many_refused_redemptions(gateway: GatewayFactory) -> None:
     assert response.status == 429 and int(response.headers["Retry-After"]) > 0
     body = await assert_answer_conforms(response, "POST", WITH_TOKEN)
     assert list(json.loads(body)["errors"]) == ["ER920"]
+
+
+# -- impersonation sessions ---------------------------------------------------------------------------------
+def test_the_session_endpoints_are_described_whatever_the_config() -> None:
+    """They exist on the route of any app with ``session``: the description names them for any set of dialects."""
+    for dialects in (["pyramid"], ["denovolab", "btcdirect"]):
+        paths = openapi.document(dialects)["paths"]
+        assert {"post"} <= set(paths[END_PATH]) and {"get", "head"} <= set(paths[INFO_PATH])
+    for path in (END_PATH, INFO_PATH):
+        assert "whatever the config" in SPEC["paths"][path][next(iter(SPEC["paths"][path]))]["description"]
+    schemes = SPEC["components"]["securitySchemes"]
+    assert {(s["in"], s["name"]) for s in schemes.values() if s.get("in") == "cookie"} == {
+        ("cookie", COOKIE),
+        ("cookie", f"__Host-{COOKIE}"),
+    }
+
+
+def test_the_cleared_cookie_header_fits_what_the_code_sends() -> None:
+    pattern = SPEC["components"]["headers"]["SessionCookieCleared"]["schema"]["pattern"]
+    validator = jsonschema_rs.validator_for({"type": "string", "pattern": pattern})
+    for value in (
+        set_cookie(COOKIE, "", secure=False, clear=True),
+        set_cookie(f"__Host-{COOKIE}", "", secure=True, clear=True),
+        expire_cookie("prefs", "/", ""),
+        expire_cookie("lang", "/app", "example.com"),
+    ):
+        assert validator.is_valid(value), value
+    assert not validator.is_valid(set_cookie(COOKIE, "A" * 32, secure=False))
+
+
+def fits_component(response: str, media: str, body: bytes) -> None:
+    """``body`` fits the media type ``media`` of the component response ``response``."""
+    pointer = f"#/components/responses/{response}/content/{media.replace('/', '~1')}/schema"
+    data = json.loads(body) if media.endswith("json") else body.decode()
+    errors = [e.message for e in jsonschema_rs.validator_for({**SPEC, "$ref": pointer}).iter_errors(data)]
+    assert not errors, f"{response} {media}: {body[:300]!r}: {errors}"
+
+
+async def test_a_session_s_answers_fit_the_description(gateway: GatewayFactory, upstream: Upstream) -> None:
+    """A real session, started by a redemption: its endpoints' answers, a refusal of its requests (mode, deny) and
+    its end fit the description."""
+    apps = copy.deepcopy(SESSION_APPS)
+    apps["switch"]["session"] = {"end_url": "https://portal.example/done", "deny": ["* /billing/*"]}
+    client = await gateway(apps, DIRECTORY)
+
+    async def start(mode: str) -> str:
+        minted = await client.post(DN, headers={**DN_TOKEN, "X-Impersonation-Mode": mode}, json={"client_id": 41})
+        assert minted.status == 200, await minted.text()
+        redeemed = await client.get("/cdr/calls", headers={"X-Auth-Token": (await minted.json())["cdr_api_token"]})
+        assert redeemed.status == 200, await redeemed.text()
+        cookies = [c for c in redeemed.headers.getall("Set-Cookie", []) if c.startswith(f"{COOKIE}=")]
+        return cookies[0].split(";")[0].partition("=")[2]
+
+    cookie = await start("full")
+    with_cookie = {"Cookie": f"{COOKIE}={cookie}"}
+    response = await client.get(INFO_PATH, headers=with_cookie)
+    assert response.status == 200
+    described = json.loads(await assert_answer_conforms(response, "GET", INFO_PATH))
+    assert described["session_id"] == session_id(cookie)
+    assert (described["app"], described["subject"], described["mode"]) == ("switch", "41", "full")
+    response = await client.head(INFO_PATH, headers=with_cookie)
+    assert response.status == 200
+    await assert_answer_conforms(response, "HEAD", INFO_PATH)
+
+    for accept, media in (("application/json", "application/problem+json"), ("text/html", "text/html")):
+        refused = await client.get("/billing/invoices", headers={**with_cookie, "Accept": accept})
+        assert (refused.status, refused.content_type) == (403, media)
+        fits_component("SessionRefused", media, await refused.read())
+    read_only = {"Cookie": f"{COOKIE}={await start('read_only')}"}
+    refused = await client.post("/settings", headers={**read_only, "Accept": "application/json"}, data=b"x=1")
+    assert (refused.status, refused.content_type) == (403, "application/problem+json")
+    body = await refused.read()
+    fits_component("SessionRefused", refused.content_type, body)
+    assert json.loads(body)["type"].endswith("session-read-only")
+
+    foreign = await client.post(END_PATH, headers={**read_only, "Origin": "https://elsewhere.example"})
+    assert foreign.status == 403
+    await assert_answer_conforms(foreign, "POST", END_PATH)
+    ended = await client.post(END_PATH, headers=read_only, allow_redirects=False)
+    assert ended.status == 303 and ended.headers["Location"] == "https://portal.example/done"
+    await assert_answer_conforms(ended, "POST", END_PATH)
+    assert ended.headers.getall("Set-Cookie")[-1] == set_cookie(COOKIE, "", secure=False, clear=True)
+    gone = await client.get(INFO_PATH, headers=read_only)
+    assert gone.status == 401
+    await assert_answer_conforms(gone, "GET", INFO_PATH)
+    assert gone.headers["Set-Cookie"] == set_cookie(COOKIE, "", secure=False, clear=True)

@@ -84,8 +84,9 @@ HYPOTHESIS = settings(
 
 @pytest.fixture(scope="module")
 def live_gateway(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A gateway process on the real redis-server, serving the demo apps (one per dialect, on one host) and the
-    demo directory, whose credentials the description's examples name; yields its base URL."""
+    """A gateway process on the real redis-server, serving the demo apps (one per dialect, on one host, the
+    Denovolab one holding sessions) and the demo directory, whose credentials the description's examples name;
+    yields its base URL."""
     assert {app["dialect"] for app in DEMO_APPS.values()} == set(DIALECTS)
     tmp = tmp_path_factory.mktemp("schemathesis")
     port = free_port()
@@ -93,7 +94,9 @@ def live_gateway(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFac
     upstream = f"http://127.0.0.1:{free_port()}"
     config = processes.write_config(
         tmp, redis_server.url, port,
-        apps={name: {**app, "upstream": upstream} for name, app in DEMO_APPS.items()},
+        # The Denovolab app holds sessions (whatever config.yaml says): the session endpoints are the gateway's.
+        apps={name: {**app, "upstream": upstream, **({"session": {}} if name == "switch" else {})}
+              for name, app in DEMO_APPS.items()},
         directory=DIRECTORY,
         prefix=f"schemathesis{port}:",
         # Failed credentials are the fuzzer's daily bread: a limit would turn every later case into a 429.
