@@ -7,13 +7,16 @@ case's absolute figures are the medians of its rounds (report.py).
 
 Each measurement gets a fresh server process and an empty Redis (the gateway loads the demo directory at
 start-up), a warm-up of ``BENCH_WARMUP`` seconds (default 2) and a measured run of ``BENCH_DURATION``
-seconds (default 5: three rounds of 5 s instead of one run of 10). Then, once each, a fresh gateway mints
-100k and 200k grants while its RSS is read, and the directory case. Results: a table on stdout and
-``bench-results.json``.
+seconds (default 5: three rounds of 5 s instead of one run of 10). The session case (requests of one live
+impersonation session) is measured in the pass-through group, pass-through its floor. Then, once each, a fresh
+gateway mints 100k and 200k grants while its RSS is read, the directory case, and the session memory case (a
+session's bytes in Redis; the gateway's RSS over 30k sessions started and ended). Results: a table on stdout
+and ``bench-results.json``.
 
 ``BENCH_CASES`` (comma-separated case labels, as printed while running) runs only those cases, for a quick
 look while working; a case brings the case it is compared with (floor-mint and mint each other, mint on 2
-workers brings mint, and so on), and the redeem cases use the rates of mint and floor-redeem when measured.
+workers brings mint, session brings pass-through, and so on), and the redeem cases use the rates of mint and
+floor-redeem when measured.
 
     python -m bench.run
 """
@@ -38,7 +41,7 @@ from typing import Any, NamedTuple
 import redis
 import yaml
 
-from . import floors, processes
+from . import floors, processes, sessions
 from .directory import Probe, write_directory
 from .load import THREADS, Load, wrk
 from .nginx import main_conf, nginx_binary, plain_proxy
@@ -55,6 +58,11 @@ REDEEM_PREFIX = "/?user_email=example%40activeplatform.com&user_token="
 PASS_PATH = "/app/dashboard?tab=overview"
 FLOOR_REDEEM_PREFIX = "/redeem?token="
 RSS_MARKS = (100_000, 200_000)
+# The session cases: the app's sessions outlive any run; the memory case keeps LIVE_SESSIONS live to weigh their
+# keys, then starts and ends sessions up to each of SESSION_MARKS, reading the gateway's RSS at each.
+SESSION = {"max_seconds": 86_400, "idle_seconds": 86_400}
+LIVE_SESSIONS = 1_000
+SESSION_MARKS = (15_000, 30_000)  # 100k took 2.5-4 min (one process, 400-700 a second): too long
 TOKEN_MARGIN = 1.5  # a redeem run gets fresh tokens for 1.5 times the rate it is expected to reach
 
 
@@ -91,6 +99,7 @@ class Bench:
     config: Path
     prefix: str
     figures: Figures
+    session_config: Path  # the config with APP holding sessions (SESSION)
 
     def measure(self, workload: Workload) -> Load:
         workload.run(self.warmup)
@@ -191,6 +200,13 @@ class Bench:
         members = self.redis.zcard(key)
         size = self.redis.memory_usage(key, samples=0)
         return round(size / members, 1) if members and size else None
+
+    def index_bytes_per_session(self, app: str) -> float | None:
+        """What one live session costs in its app's session index (the hash's ``MEMORY USAGE`` per field)."""
+        key = f"{self.prefix}{{sessions:{app}}}:index"
+        fields = self.redis.hlen(key)
+        size = self.redis.memory_usage(key, samples=0)
+        return round(size / fields, 1) if fields and size else None
 
     # -- fresh tokens -------------------------------------------------------------------------------
     def warm_redeem(self, url: str, prefix: str, supply: Callable[[int], list[str]], bound_rps: float) -> Workload:
@@ -327,6 +343,15 @@ def write_config(tmp: Path, redis_url: str, upstream_url: str, grant_ttl: int) -
     return path, str((raw.get("store") or {}).get("prefix", "igw:"))
 
 
+def write_session_config(config: Path) -> Path:
+    """``config`` with :data:`APP` holding sessions (:data:`SESSION`: they outlive any run)."""
+    raw: dict[str, Any] = yaml.safe_load(config.read_text(encoding="utf-8"))
+    raw["apps"][APP]["session"] = dict(SESSION)
+    path = config.with_name("bench-session.yaml")
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
 # -- the cases ----------------------------------------------------------------------------------------
 def floor_case(bench: Bench, name: str, path: str) -> None:
     with bench.floor(name) as url:
@@ -367,6 +392,45 @@ def redeem_case(bench: Bench) -> None:
 def passthrough_case(bench: Bench) -> None:
     with bench.gateway() as gateway:
         bench.figures.add_gateway("passthrough", gateway.measure("pass", Workload(gateway.url + PASS_PATH)))
+
+
+def session_case(bench: Bench) -> None:
+    """Requests of one live session: its cookie on pass-through's path, on a gateway whose app holds sessions.
+    The session is started once (mint, redeem, the cookie the answer sets); every measured request must reach
+    the upstream with an assertion, or the session was not live throughout."""
+    with bench.gateway(bench.session_config) as gateway:
+        cookie = sessions.start_one(gateway.url, APP)
+        load = Workload(gateway.url + PASS_PATH, headers=(sessions.cookie_header(cookie),))
+        run = gateway.measure("session", load)
+        if run.upstream_assertions < run.upstream_requests or not run.served:
+            raise BenchError(
+                f"session: {run.upstream_requests - run.upstream_assertions} of {run.upstream_requests} requests "
+                "reached the upstream without an assertion (the session ended during the run)"
+            )
+        bench.figures.add_gateway("session", run)
+
+
+def session_memory_case(bench: Bench) -> None:
+    """A fresh gateway whose app holds sessions: :data:`LIVE_SESSIONS` live at once weigh a session's keys in
+    Redis (its hash and its entry in the app's index); then sessions are started and ended (mint, redeem, end),
+    32 at a time, up to each of :data:`SESSION_MARKS`, the gateway's RSS read at each."""
+    figures = bench.figures
+    with bench.gateway(bench.session_config) as gateway:
+        figures.session_rss_mb_at_start = gateway.rss_mb()
+        cookies = sessions.start_many(gateway.url, APP, LIVE_SESSIONS)
+        key = bench.mean_key_bytes("session:*")
+        index = bench.index_bytes_per_session(APP)
+        figures.redis_bytes_per_session = None if key is None else round(key + (index or 0), 1)
+        figures.redis_bytes_per_session_index_entry = index
+        sessions.end_many(gateway.url, cookies)
+
+        def at_mark(mark: int, seconds: float) -> None:
+            figures.session_rss_marks[mark] = (seconds, gateway.rss_mb())
+
+        sessions.churn(gateway.url, APP, SESSION_MARKS, at_mark)
+        figures.sessions_live_after_churn = bench.redis.hlen(f"{bench.prefix}{{sessions:{APP}}}:index") + sum(
+            1 for _ in bench.redis.scan_iter(match=bench.prefix + "session:*", count=1000)
+        )
 
 
 def nginx_case(bench: Bench) -> None:
@@ -452,6 +516,7 @@ def directory_case(bench: Bench) -> None:
 
 Step = tuple[str, Callable[[], None]]  # a label (as BENCH_CASES names it) and what measures it
 EDGE = "edge: pass-through and redeem"
+SESSION_MEMORY = f"sessions: RSS over {SESSION_MARKS[-1] // 1000}k started and ended"
 
 # What a case is compared with (report.RATIOS): BENCH_CASES runs them along with it.
 PARTNERS: dict[str, tuple[str, ...]] = {
@@ -462,6 +527,7 @@ PARTNERS: dict[str, tuple[str, ...]] = {
     "redeem": ("floor-redeem",),
     "floor-proxy": ("pass-through",),
     "pass-through": ("floor-proxy",),
+    "session": ("pass-through",),
     "nginx alone": (EDGE,),
     EDGE: ("nginx alone",),
 }
@@ -504,7 +570,8 @@ def run(duration: int, warmup: int, rounds: int) -> Figures:
         config, prefix = write_config(tmp, redis_url, upstream_url, grant_ttl=120 + 4 * (warmup + duration))
         client = stack.enter_context(redis.Redis(port=redis_port))
         figures = Figures(duration, warmup, rounds)
-        bench = Bench(tmp, duration, warmup, client, redis_url, upstream_url, config, prefix, figures)
+        session_config = write_session_config(config)
+        bench = Bench(tmp, duration, warmup, client, redis_url, upstream_url, config, prefix, figures, session_config)
         # Groups measured in rounds: a floor, then the cases compared with it (mint on 2 workers with mint).
         groups: list[list[Step]] = [
             [("floor-hello", lambda: floor_case(bench, "hello", "/"))],
@@ -517,6 +584,7 @@ def run(duration: int, warmup: int, rounds: int) -> Figures:
             [
                 ("floor-proxy", lambda: floor_case(bench, "proxy", PASS_PATH)),
                 ("pass-through", lambda: passthrough_case(bench)),
+                ("session", lambda: session_case(bench)),
             ],
             [("nginx alone", lambda: nginx_case(bench)), (EDGE, lambda: edge_cases(bench))],
         ]
@@ -525,6 +593,7 @@ def run(duration: int, warmup: int, rounds: int) -> Figures:
         once: list[Step] = [
             ("RSS after 100k and 200k mints", lambda: rss_case(bench)),
             ("directory: 1k then 1M subjects", lambda: directory_case(bench)),
+            (SESSION_MEMORY, lambda: session_memory_case(bench)),
         ]
         labels = [label for group in [*groups, once] for label, _ in group]
         chosen = {c.strip() for c in os.environ.get("BENCH_CASES", "").split(",") if c.strip()}
