@@ -20,8 +20,9 @@ SPEC: dict[str, Any] = yaml.safe_load(importlib.resources.files("gateway").joinp
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
+# The demo apps as hand-off apps (a test that holds sessions gives an app its own ``session``).
 DEMO_APPS: dict[str, Any] = {
-    name: {k: v for k, v in app.items() if k != "upstream"}
+    name: {k: v for k, v in app.items() if k not in ("upstream", "session")}
     for name, app in yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))["apps"].items()
 }
 DIRECTORY: dict[str, Any] = yaml.safe_load((ROOT / "directory.yaml").read_text(encoding="utf-8"))

@@ -1,10 +1,11 @@
 """``make run``'s pieces, on free ports (never its own 8080, 8081 and 9001): the demo app and scripts/run-demo.sh say
-in one line that a port is taken, run-demo.sh starts both processes and stops both, and the Makefile installs the
-dev extras for the tests only."""
+in one line that a port is taken, run-demo.sh starts both processes and stops both, the demo's session app
+(``switch``) holds its impersonations as sessions, and the Makefile installs the dev extras for the tests only."""
 
 from __future__ import annotations
 
 import asyncio
+import html
 import os
 import shutil
 import signal
@@ -186,6 +187,69 @@ async def test_run_demo_starts_the_gateway_and_the_demo_app_and_stops_both(tmp_p
             assert response.status == 200
             assert list(await response.json(content_type=None)) == ["owner_email", "owner_token"]
         proc.send_signal(signal.SIGTERM)  # as `kill` of make run: the script stops both before it exits
+        assert proc.wait(30) == 143
+    finally:
+        end(proc)
+    assert all(bindable(port) for port in (gateway, admin, app)), log.read_text()[-2000:]
+
+
+async def mint_switch(session: aiohttp.ClientSession, gateway: int, mode: str | None = None) -> str:
+    """dialects.md's Denovolab request (``switch``, the demo's app with ``session``): the grant it answers."""
+    headers = {"X-Auth-Token": "denovolab-demo-admin-token", **({"X-Impersonation-Mode": mode} if mode else {})}
+    url = f"http://127.0.0.1:{gateway}/v1/auth/as_client"
+    async with session.post(url, headers=headers, data='{"client_id": "41"}') as response:
+        assert response.status == 200, await response.text()
+        token: str = (await response.json(content_type=None))["token"]
+        return token
+
+
+async def test_the_demo_session_app_holds_a_session_and_its_pages_show_the_actor_and_mode(tmp_path: Path) -> None:
+    """make run's switch: a redemption sets the gateway's session cookie (the demo app's own cookie stays in the
+    gateway); every page of the session then names the customer, the actor of that request, the mode and the
+    session; a read_only session's POST is refused, a full one's saves a note; ending it signs the browser out."""
+    gateway, admin, app = free_port(), free_port(), free_port()
+    config = demo_config(tmp_path, gateway, admin, app)
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = run_demo(config, app, out)
+    base = f"http://127.0.0.1:{gateway}"
+    page = {"Accept": "text/html"}
+    try:
+        await wait_answering(f"{base}/readyz", proc)
+        await wait_answering(f"http://127.0.0.1:{app}/", proc)
+        for mode in ("full", "read_only"):
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:
+                token = await mint_switch(browser, gateway, mode)
+                # the grant in its header carrier: redeemed by this GET, which starts the session
+                async with browser.get(f"{base}/routing/rate_table", headers={**page, "X-Auth-Token": token}) as r:
+                    assert r.status == 200, await r.text()
+                    set_cookies = r.headers.getall("Set-Cookie", [])
+                    assert [c.split("=", 1)[0] for c in set_cookies] == ["impersonation_session"], set_cookies
+                    assert "HttpOnly" in set_cookies[0] and "SameSite=Lax" in set_cookies[0]
+                    assert "demo_session" not in r.headers.get("Set-Cookie", "")
+                async with browser.get(f"{base}/_impersonation/session") as r:
+                    assert r.status == 200
+                    held = await r.json()
+                assert (held["app"], held["subject"], held["actor"], held["mode"]) == ("switch", "41", "admin-1", mode)
+                async with browser.get(f"{base}/invoices", headers=page) as r:  # a later page: no grant, the session
+                    assert r.status == 200
+                    text = html.unescape(await r.text())
+                assert "signed in as 41 — impersonated by admin-1" in text
+                assert "acting for this request: admin-1 (this request's assertion)" in text
+                assert f"mode: {mode}" in text and f"session: {held['session_id']}" in text
+                assert 'href="/_impersonation/session"' in text and 'action="/notes"' in text
+                async with browser.post(f"{base}/notes", data={"note": "called <back>"}, headers=page) as r:
+                    if mode == "read_only":  # refused by the gateway: the app never sees it
+                        assert r.status == 403
+                        assert "read-only" in await r.text()
+                    else:  # the app's 303 to /notes, followed
+                        assert r.status == 200 and r.url.path == "/notes"
+                        assert "<li>called &lt;back&gt;</li>" in await r.text()
+                async with browser.post(f"{base}/_impersonation/end") as r:
+                    assert r.status == 200
+                async with browser.get(f"{base}/invoices", headers=page) as r:
+                    assert "not signed in" in await r.text()
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 143
     finally:
         end(proc)
