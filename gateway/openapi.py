@@ -113,7 +113,7 @@ _VARIED: dict[type[GatewayError], Callable[[GatewayError], GatewayError]] = {
     RateLimited: lambda e: RateLimited(60),
     UnsupportedEncoding: lambda e: UnsupportedEncoding("zstd"),
     RequestTimeout: lambda e: RequestTimeout(30.0),
-    Invalid: lambda e: Invalid("other", "unknown") if getattr(e, "reason", "") == "unknown" else e,  # the client's name
+    Invalid: lambda e: Invalid("", "unknown") if getattr(e, "reason", "") == "unknown" else e,  # the client's name
 }
 
 
@@ -411,7 +411,7 @@ def _fit(a: Any, b: Any) -> dict[str, Any]:
         start = _common(a, b)
         end = min(_common(a[::-1], b[::-1]), len(a) - start, len(b) - start)
         middle = (a[start : len(a) - end], b[start : len(b) - end])
-        hole = "[0-9]+" if all(m.isdigit() for m in middle) else ".+"
+        hole = "[0-9]+" if all(m.isdigit() for m in middle) else ".*" if "" in middle else ".+"
         return {"type": "string", "pattern": f"^{_escape(a[:start])}{hole}{_escape(a[len(a) - end :])}$"}
     if isinstance(a, int) and isinstance(b, int):
         return {"type": "integer"}
