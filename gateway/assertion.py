@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jwt
+import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -120,11 +120,14 @@ class Signer:
         for old in previous:
             keys.setdefault(key_id(old), jwk(old))
         self._jwks = json.dumps({"keys": list(keys.values())}).encode()
+        # The header is the same for every assertion: encoded once (a session signs one per request).
+        self._header = _b64url(orjson.dumps({"alg": "EdDSA", "kid": self.kid, "typ": "JWT"})).encode()
 
     def sign(self, claims: dict[str, Any], now: int) -> str:
-        """A JWT with ``claims`` plus ``iss``, ``iat`` and ``exp`` (``now`` + the assertion TTL)."""
+        """A JWT (compact JWS, EdDSA) with ``claims`` plus ``iss``, ``iat`` and ``exp`` (``now`` + assertion TTL)."""
         payload = {"iss": self.issuer, **claims, "iat": now, "exp": now + self.ttl_seconds}
-        return jwt.encode(payload, self._key, algorithm="EdDSA", headers={"kid": self.kid})
+        signing_input = self._header + b"." + _b64url(orjson.dumps(payload)).encode()
+        return (signing_input + b"." + _b64url(self._key.sign(signing_input)).encode()).decode()
 
     def jwks(self) -> dict[str, Any]:
         return dict(json.loads(self._jwks))
