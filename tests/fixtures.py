@@ -123,3 +123,18 @@ def described_template(dialect: Dialect, endpoint: Endpoint, params: Mapping[str
         if dialect.name in operation["tags"] and method == endpoint.method and template == endpoint.template:
             return template
     raise AssertionError(f"{dialect.name}: {endpoint.method} {endpoint.template} is not described")
+
+
+# Each dialect's demo mint request, as (app, method, path, headers, body): the demo directory's actors and subjects.
+DEMO_MINTS: dict[str, tuple[str, str, str, Mapping[str, str], bytes | None]] = {
+    "activeplatform": ("control-panel", "GET", "/api/v3/resellers/1/user_authentication/token?account_id=505",
+                       {"X-Api-Token": "vY5fwetestK3gJXZH5uHCw"}, None),
+    "pyramid": ("analytics", "POST", "/API3/authentication/authenticateUserByToken",
+                {"Content-Type": "application/json"},
+                json.dumps({"token": "pyramid-enterprise-admin-token", "userIdentity": "jdoe"}).encode()),
+    "denovolab": ("switch", "POST", "/v1/auth/as_client", {"X-Auth-Token": "denovolab-demo-admin-token"},
+                  b'{"client_id": 41}'),
+    "btcdirect": ("exchange", "GET", "/api/v1/user/login-token",
+                  {"Authorization": "Bearer btcdirect-partner-demo-token",
+                   "User-Identifier": "7c3f9a1e2b4d6f8091a3c5e7f9b1d3e5a7c9e1f3"}, None),
+}  # fmt: skip

@@ -19,7 +19,7 @@ from gateway.errors import Forbidden, Invalid
 from gateway.policy import grant_mode
 from gateway.store import Store
 from tests.conftest import GatewayFactory
-from tests.fixtures import DEMO_APPS, DIRECTORY
+from tests.fixtures import DEMO_APPS, DEMO_MINTS, DIRECTORY
 
 
 @dataclass(frozen=True)
@@ -44,24 +44,7 @@ class Mint:
         return str(body["owner_token"] if self.app == "control-panel" else body["token"])
 
 
-MINTS = {
-    "activeplatform": Mint(
-        "control-panel", "GET", "/api/v3/resellers/1/user_authentication/token?account_id=505",
-        {"X-Api-Token": "vY5fwetestK3gJXZH5uHCw"},
-    ),
-    "pyramid": Mint(
-        "analytics", "POST", "/API3/authentication/authenticateUserByToken", {"Content-Type": "application/json"},
-        json.dumps({"token": "pyramid-enterprise-admin-token", "userIdentity": "jdoe"}).encode(),
-    ),
-    "denovolab": Mint(
-        "switch", "POST", "/v1/auth/as_client", {"X-Auth-Token": "denovolab-demo-admin-token"}, b'{"client_id": 41}'
-    ),
-    "btcdirect": Mint(
-        "exchange", "GET", "/api/v1/user/login-token",
-        {"Authorization": "Bearer btcdirect-partner-demo-token",
-         "User-Identifier": "7c3f9a1e2b4d6f8091a3c5e7f9b1d3e5a7c9e1f3"},
-    ),
-}  # fmt: skip
+MINTS = {dialect: Mint(*request) for dialect, request in DEMO_MINTS.items()}
 
 # Each dialect's answer to a mode above the app's, and to a bad mode (another value, or several headers).
 FORBIDDEN = {

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from gateway.core import parse_reason
 from gateway.errors import Invalid
 from tests.conftest import GatewayFactory, Upstream
-from tests.fixtures import DEMO_APPS, DIRECTORY
+from tests.fixtures import DEMO_APPS, DEMO_MINTS, DIRECTORY
 
 REASON = "ticket 4711: the customer cannot see last month's invoices"
 
@@ -60,24 +60,7 @@ class Mint:
         return f"/kyc?token={body['token']}&uuid={body['uuid']}"
 
 
-MINTS = {
-    "activeplatform": Mint(
-        "control-panel", "GET", "/api/v3/resellers/1/user_authentication/token?account_id=505",
-        {"X-Api-Token": "vY5fwetestK3gJXZH5uHCw"},
-    ),
-    "pyramid": Mint(
-        "analytics", "POST", "/API3/authentication/authenticateUserByToken", {"Content-Type": "application/json"},
-        json.dumps({"token": "pyramid-enterprise-admin-token", "userIdentity": "jdoe"}).encode(),
-    ),
-    "denovolab": Mint(
-        "switch", "POST", "/v1/auth/as_client", {"X-Auth-Token": "denovolab-demo-admin-token"}, b'{"client_id": 41}'
-    ),
-    "btcdirect": Mint(
-        "exchange", "GET", "/api/v1/user/login-token",
-        {"Authorization": "Bearer btcdirect-partner-demo-token",
-         "User-Identifier": "7c3f9a1e2b4d6f8091a3c5e7f9b1d3e5a7c9e1f3"},
-    ),
-}  # fmt: skip
+MINTS = {dialect: Mint(*request) for dialect, request in DEMO_MINTS.items()}
 
 # Each dialect's answer to a mint without a reason where one is required, and to a bad reason.
 MISSING = {
