@@ -194,7 +194,16 @@ class Dialect(ABC):
     def methods_at(self, path: str) -> tuple[str, ...]:
         """The methods of the mint and info endpoints at ``path`` (any other method there is refused with 405: such a
         path and its credentials are the gateway's, never the app's)."""
+        if self._own_paths.fullmatch(path) is None:  # every pass-through request asks: one match answers most
+            return ()
         return tuple(e.method for e in self.endpoints if e.kind in ("mint", "info") and e.pattern.fullmatch(path))
+
+    @functools.cached_property
+    def _own_paths(self) -> re.Pattern[str]:
+        """Every mint and info endpoint's path in one expression."""
+        own = [e for e in self.endpoints if e.kind in ("mint", "info")]
+        parts = [f"(?{'i' if e.ignore_case else ''}:{template_regex(e.template, named=False)})" for e in own]
+        return re.compile("|".join(parts) or "(?!)")
 
     @abstractmethod
     def parse(self, req: HttpRequest, app: AppConfig) -> ImpersonationCommand:
