@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -85,9 +86,10 @@ def write_golden() -> None:
     GOLDEN.write_text(golden_text())
 
 
-def test_real_nginx_accepts_the_golden_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", [golden_text, lambda: session_text()], ids=["golden", "with-sessions"])
+def test_real_nginx_accepts_the_configuration(tmp_path: Path, text: Callable[[], str]) -> None:
     include = tmp_path / "gateway.conf"
-    include.write_text(golden_text().replace("/var/log/nginx/access.log", str(tmp_path / "access.log")))
+    include.write_text(text().replace("/var/log/nginx/access.log", str(tmp_path / "access.log")))
     done = subprocess.run([nginx_binary(), "-t", "-p", str(tmp_path), "-c", str(main_conf(tmp_path, include))],
                           capture_output=True, text=True, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -342,13 +344,21 @@ class EdgeProcesses:
 @pytest.fixture(scope="module")
 def edge_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeProcesses]:
     """nginx and a gateway (embedded store) for an app on a port the module's event loop will serve."""
-    tmp = tmp_path_factory.mktemp("edge")
+    with start_edge(tmp_path_factory.mktemp("edge")) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def start_edge(tmp: Path, dress: Callable[[dict[str, Any]], None] = lambda apps: None) -> Iterator[EdgeProcesses]:
+    """nginx (``proxy-config nginx``'s output) in front of a gateway process (embedded store) for the demo's apps,
+    ``dress``ed first, all sent to an app port the caller serves; stopped on the way out."""
     app_port, gateway_port, nginx_port = free_port(), free_port(), free_port()
     key = tmp / "assertion.pem"
     assert cli(["keys", "generate", str(key)]) == 0
     apps = yaml.safe_load((ROOT / "config.yaml").read_text())["apps"]
     for settings_ in apps.values():
         settings_["upstream"] = f"http://127.0.0.1:{app_port}"
+    dress(apps)
     directory = yaml.safe_load((ROOT / "directory.yaml").read_text())
     config = processes.write_config(
         tmp, "embedded", gateway_port, apps=apps, directory=directory,
@@ -667,14 +677,6 @@ def test_sessions_add_their_cookie_and_paths_and_nothing_else() -> None:
     paths = [where for where in locations if "_impersonation" in where[1]]
     assert paths == [("switch.example.com", "^~ /x/_impersonation/"), ("_", "^~ /_impersonation/")]
     assert all("proxy_pass http://igw_gateway;" in locations[where] for where in paths)
-
-
-def test_real_nginx_accepts_a_configuration_with_sessions(tmp_path: Path) -> None:
-    include = tmp_path / "gateway.conf"
-    include.write_text(session_text().replace("/var/log/nginx/access.log", str(tmp_path / "access.log")))
-    done = subprocess.run([nginx_binary(), "-t", "-p", str(tmp_path), "-c", str(main_conf(tmp_path, include))],
-                          capture_output=True, text=True, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr
 
 
 def gateway_reads(name: str, cookie: str) -> bool:
