@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import html
 import re
@@ -93,6 +94,7 @@ _BUTTON_STYLE = (
 )
 
 
+@functools.lru_cache(maxsize=1024)  # a session's pages all carry the same one
 def banner(actor: str, subject: str, until_ms: int, mount: str = "") -> str:
     """The notice put into a session's HTML pages (DESIGN §13): who acts as whom, until when (the cap, ``HH:MM
     UTC``), and an End button, a form posting to ``/_impersonation/end`` below the app's ``mount`` (no script
@@ -160,6 +162,13 @@ def parse_set_cookie(header: str, now: float) -> SetCookie | None:
     return SetCookie(name, value, http_only, path, domain, max_age if max_age is not None else expires)
 
 
+@functools.lru_cache(maxsize=4096)  # a session's every request reads the same grant
+def _grant(grant_id: str, data: bytes) -> Grant:
+    from .core import Grant
+
+    return Grant.from_json(grant_id, data)
+
+
 @dataclass(frozen=True)
 class Session:
     """A live session: who acts as whom (``grant``), in which ``mode``, since and until when (ms)."""
@@ -176,8 +185,6 @@ class Session:
 
     @classmethod
     def from_fields(cls, sid: str, fields: Mapping[str, bytes]) -> Session:
-        from .core import Grant
-
         kept = {}
         passed = []
         for name, value in fields.items():
@@ -188,7 +195,7 @@ class Session:
                 n, p, d = orjson.loads(name[len(PASSED) :])
                 passed.append((str(n), str(p), str(d)))
         return cls(
-            id=sid, app=fields["app"].decode(), grant=Grant.from_json(fields["gid"].decode(), fields["grant"]),
+            id=sid, app=fields["app"].decode(), grant=_grant(fields["gid"].decode(), fields["grant"]),
             mode=fields["mode"].decode(), started_ms=int(fields["started"]), cap_ms=int(fields["cap"]),
             last_ms=int(fields["last"]), kept=kept, passed=tuple(sorted(passed)),
         )  # fmt: skip

@@ -113,8 +113,8 @@ class Pool:
 
     def release(self, connection: Connection, reuse: bool) -> None:
         # An app may close a connection right after an answer that did not say so (aiohttp does after a body it
-        # could not decode): one already closing, or with bytes to read, is not given to another request.
-        if reuse and connection.is_connected() and not connection.should_close and not _readable(connection):
+        # could not decode): take_idle looks at it again before it is given to another request.
+        if reuse and connection.is_connected() and not connection.should_close:
             self._idle.append((connection, asyncio.get_running_loop().time()))
         else:
             connection.close()

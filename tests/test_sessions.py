@@ -253,6 +253,8 @@ async def test_requests_of_the_session_carry_a_fresh_assertion_and_never_the_coo
 async def test_a_session_request_is_one_round_trip(start: Factory, app: App) -> None:
     gw = await start(directory={"refresh_seconds": 3600})  # no refresh (nor sweep) sends anything meanwhile
     cookie, _ = await gw.start()
+    base = time.time()
+    gw.sessions.clock = lambda: base
     await gw.get("/warm", cookie)  # the script is cached by Redis now
     real_server = not isinstance(gw.redis, fakeredis.FakeAsyncRedis)
 
@@ -260,8 +262,7 @@ async def test_a_session_request_is_one_round_trip(start: Factory, app: App) -> 
         stats = await gw.redis.info("commandstats") if real_server else {}
         return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
 
-    before = await calls()
-    pipelines = []
+    pipelines: list[list[str]] = []
     real = gw.redis.pipeline
 
     def counting(*args: Any, **kwargs: Any) -> Any:
@@ -275,21 +276,28 @@ async def test_a_session_request_is_one_round_trip(start: Factory, app: App) -> 
         pipe.execute = counted
         return pipe
 
-    gw.redis.pipeline = counting
-    try:
-        with capture_logs() as logs:
-            assert (await gw.get("/counted?x=1", cookie)).status == 200
-    finally:
-        gw.redis.pipeline = real
-    assert pipelines == [["EVALSHA"]]  # read, check and touch in one script; nothing else
-    if real_server:  # INFO commandstats on the real server: what that script does
-        after = await calls()
-        delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0) and k != "info"}
-        assert delta == {"evalsha": 1, "hgetall": 1, "hset": 1, "pexpireat": 1}
-    (line,) = [e for e in logs if e["event"] == "session_request"]
-    assert (line["method"], line["path"], line["status"], line["session_id"]) == ("GET", "/counted", 200,
-                                                                                  session_id(cookie))  # fmt: skip
-    assert "x=1" not in str(logs)
+    # Within a second of the last touch the script only reads; a second later it touches ``last`` (and the TTL).
+    for offset, writes in ((0.5, {}), (1.5, {"hset": 1, "pexpireat": 1})):
+        gw.sessions.clock = lambda offset=offset: base + offset
+        before = await calls()
+        pipelines.clear()
+        gw.redis.pipeline = counting
+        try:
+            with capture_logs() as logs:
+                assert (await gw.get("/counted?x=1", cookie)).status == 200
+        finally:
+            gw.redis.pipeline = real
+        assert pipelines == [["EVALSHA"]]  # read, check and touch in one script; nothing else
+        if real_server:  # INFO commandstats on the real server: what that script does
+            after = await calls()
+            delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0) and k != "info"}
+            assert delta == {"evalsha": 1, "hgetall": 1, **writes}
+        (line,) = [e for e in logs if e["event"] == "session_request"]
+        assert (line["method"], line["path"], line["status"], line["session_id"]) == ("GET", "/counted", 200,
+                                                                                      session_id(cookie))  # fmt: skip
+        assert "x=1" not in str(logs)
+    touched = await gw.redis.hget(f"{gw.prefix}session:{{{session_id(cookie)}}}", "last")
+    assert int(touched) == int((base + 1.5) * 1000)
 
 
 async def test_unknown_forged_and_ended_cookies_are_plain_requests_that_clear_it(gw: Gateway, app: App) -> None:

@@ -8,10 +8,10 @@ A session lives in one hash, ``session:{<session id>}`` (its own hash slot), who
 - ``b:<name, path, domain>``: a cookie of the app that passed to the browser (to expire it at the end).
 
 Its TTL is never past the cap: the key goes at the cap, or a minute after the idle limit, whichever is first.
-Resuming is one script on that key alone (read, check the app, the cap and the idle limit, touch ``last``), so a
-session's request costs one round trip and touches no shared key. Each app's sessions are also named in its
-index, ``{sessions:<app>}:index`` (a hash: session id -> who and when), written when a session starts and
-read only by the admin endpoints and the sweep that audits sessions Redis expired. Every call raises
+Resuming is one script on that key alone (read, check the app, the cap and the idle limit, touch ``last`` when
+it is a second old), so a session's request costs one round trip and touches no shared key. Each app's sessions
+are also named in its index, ``{sessions:<app>}:index`` (a hash: session id -> who and when), written when a
+session starts and read only by the admin endpoints and the sweep that audits sessions Redis expired. Every call raises
 :class:`~gateway.errors.StoreUnavailable` when Redis fails.
 """
 
@@ -29,9 +29,12 @@ from .events import EventStore
 from .keys import Keys
 
 IDLE_GRACE_MS = 60_000  # a session past its idle limit stays readable this long, so its end is audited as idle
+# ``last`` is rewritten only once it is this old: a session's requests within a second write (and replicate)
+# nothing, and its idle limit holds to the second.
+TOUCH_MS = 1000
 
-# Resume: ARGV[1] now (ms), ARGV[2...] the apps the request may go to. {1, fields} live (and touched), {2, fields}
-# past the cap, {3, fields} idle (both deleted), {4} another app's (untouched), {0} none.
+# Resume: ARGV[1] now (ms), ARGV[2...] the apps the request may go to. {1, fields} live (touched when ``last`` is
+# TOUCH_MS old), {2, fields} past the cap, {3, fields} idle (both deleted), {4} another app's (untouched), {0} none.
 _RESUME = Script(
     """
 local v = redis.call('HGETALL', KEYS[1])
@@ -43,11 +46,14 @@ for i = 2, #ARGV do if ARGV[i] == h['app'] then ours = true end end
 if not ours then return {4} end
 local now, cap, idle = tonumber(ARGV[1]), tonumber(h['cap']), tonumber(h['idle'])
 if now >= cap then redis.call('DEL', KEYS[1]); return {2, v} end
-if now - tonumber(h['last']) >= idle then redis.call('DEL', KEYS[1]); return {3, v} end
-redis.call('HSET', KEYS[1], 'last', ARGV[1])
-redis.call('PEXPIREAT', KEYS[1], math.min(cap, now + idle + GRACE))
+local last = tonumber(h['last'])
+if now - last >= idle then redis.call('DEL', KEYS[1]); return {3, v} end
+if now - last >= TOUCH then
+  redis.call('HSET', KEYS[1], 'last', ARGV[1])
+  redis.call('PEXPIREAT', KEYS[1], math.min(cap, now + idle + GRACE))
+end
 return {1, v}
-""".replace("GRACE", str(IDLE_GRACE_MS))
+""".replace("GRACE", str(IDLE_GRACE_MS)).replace("TOUCH", str(TOUCH_MS))
 )
 
 # End: take the session (HGETALL + DEL), its fields or an empty list.
