@@ -76,8 +76,9 @@ _WS_HANDSHAKE = ("sec-websocket-key", "sec-websocket-version", "sec-websocket-pr
 # clears its own): given the answer's values, the values the client gets. It runs before any of the answer is relayed.
 CookieFilter = Callable[[list[str]], Awaitable[list[str]]]
 # Whether what a WebSocket belongs to (an impersonation session) still holds; asked every WATCH_SECONDS, so a session
-# ended anywhere closes its WebSockets on every process within that (DESIGN §13: within 5 s).
-Liveness = Callable[[], Awaitable[bool]]
+# ended anywhere closes its WebSockets on every process within that (DESIGN §13: within 5 s). Its argument says
+# whether a message went either way since it was last asked (activity, for the session's idle limit).
+Liveness = Callable[[bool], Awaitable[bool]]
 WATCH_SECONDS = 2.0
 _UNSENDABLE_CLOSE = {0: 1000, 1005: 1000, 1006: 1011, 1015: 1011}  # close codes no close frame may carry
 
@@ -482,9 +483,10 @@ async def _bridge(
 ) -> None:
     """Relay messages both ways until one side closes or goes away; then close the other side the same way. With
     ``alive``, asked every :data:`WATCH_SECONDS`: once it says no, both sides are closed with 1008."""
-    to_app = asyncio.create_task(_pump(client, app))
-    to_client = asyncio.create_task(_pump(app, client))
-    watcher = asyncio.create_task(_watch(alive)) if alive is not None else None
+    activity = [False]  # set by either pump at each message, cleared by the watcher
+    to_app = asyncio.create_task(_pump(client, app, activity))
+    to_client = asyncio.create_task(_pump(app, client, activity))
+    watcher = asyncio.create_task(_watch(alive, activity)) if alive is not None else None
     tasks = (to_app, to_client) if watcher is None else (to_app, to_client, watcher)
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -509,12 +511,14 @@ async def _bridge(
     )  # fmt: skip
 
 
-async def _watch(alive: Liveness) -> None:
-    """Return once ``alive()`` says no (a failing check counts as yes: a store hiccup closes nothing)."""
+async def _watch(alive: Liveness, activity: list[bool]) -> None:
+    """Return once ``alive()`` says no (a failing check counts as yes: a store hiccup closes nothing); it is told
+    whether messages went since the last time."""
     while True:
         await asyncio.sleep(WATCH_SECONDS)
+        active, activity[0] = activity[0], False
         try:
-            if not await alive():
+            if not await alive(active):
                 return
         except Exception:  # StoreUnavailable, a cancelled batch: ask again next time
             continue
@@ -523,12 +527,14 @@ async def _watch(alive: Liveness) -> None:
 async def _pump(
     source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
     target: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+    activity: list[bool],
 ) -> tuple[int, str] | None:
     """Relay ``source``'s messages to ``target`` (each send waits for the target to take it: backpressure); the
     close code and reason when ``source`` sends a close frame, None when it goes away."""
     while True:
         message = await source.receive()
         kind = message.type
+        activity[0] = True
         if kind is WSMsgType.TEXT:
             await target.send_str(message.data)
         elif kind is WSMsgType.BINARY:

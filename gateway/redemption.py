@@ -360,8 +360,8 @@ class Redeemer:
     def _alive(self, session: Session) -> Liveness:
         """Whether ``session`` is still there (a WebSocket of it is closed once it is not)."""
 
-        async def alive() -> bool:
-            return await self.sessions.alive(session.id)
+        async def alive(active: bool) -> bool:
+            return await self.sessions.alive(session, active)
 
         return alive
 

@@ -314,9 +314,14 @@ class Sessions:
             return Resumption("ended", session, why)
         return Resumption("live", session)
 
-    async def alive(self, sid: str) -> bool:
-        """Whether the session is still there, touching nothing (a WebSocket of it asks every few seconds)."""
-        return (await self.store.session_store.exist([sid]))[0]
+    async def alive(self, session: Session, active: bool) -> bool:
+        """Whether ``session`` is still live (a WebSocket of it asks every few seconds); one found past its cap or
+        idle limit is ended. ``active`` (messages went since it last asked) counts as activity for its idle limit,
+        as a request does."""
+        found = await self.store.session_store.resume(session.id, [session.app], self._now_ms(), touch=active)
+        if found.state in ("max_age", "idle"):
+            await self._ended(Session.from_fields(session.id, found.fields), found.state)
+        return found.state == "live"
 
     def _no_longer_allowed(self, session: Session) -> str | None:
         """``actor_removed`` when the session's actor is no longer one of its app's principals with the same

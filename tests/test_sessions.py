@@ -3,6 +3,7 @@ round trip), modes, the end and session endpoints, cap and idle, forged cookies,
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
+from gateway import proxy
 from gateway.app import GATEWAY, create_app
 from gateway.assertion import Signer
 from gateway.directory import parse_directory
@@ -460,6 +462,24 @@ async def test_a_websocket_of_the_session_is_closed_when_it_ends(gw: Gateway, ap
         assert time.monotonic() - started < 5
     await gw.get("/after", cookie, Cookie="x=1")
     assert "ws_sid" not in app.cookies()
+
+
+async def test_a_websocket_s_messages_count_as_activity(gw: Gateway, app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxy, "WATCH_SECONDS", 0.05)
+    cookie, _ = await gw.start()
+    base = time.time()
+    async with gw.client.ws_connect("/ws", headers={"Cookie": f"{COOKIE}={cookie}"}) as ws:
+        # A message every 10 s: 30 s past the handshake, beyond the idle limit (20 s) of a session without requests.
+        for offset in (10, 20, 30):
+            gw.sessions.clock = lambda offset=offset: base + offset
+            await ws.send_str(f"at {offset}")
+            assert (await ws.receive(timeout=5)).data == f"at {offset}"  # still bridged: the session is live
+            await asyncio.sleep(0.2)  # the watcher has seen the messages, and touched the session
+        gw.sessions.clock = lambda: base + 51  # 21 s of silence: the watcher finds it idle and closes the bridge
+        message = await ws.receive(timeout=5)
+        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1008
+    (ended,) = await audit(gw, "session_ended")
+    assert ended["why"] == "idle"
 
 
 async def test_a_read_only_session_s_websocket_is_refused(gw: Gateway, app: App) -> None:

@@ -33,8 +33,9 @@ IDLE_GRACE_MS = 60_000  # a session past its idle limit stays readable this long
 # nothing, and its idle limit holds to the second.
 TOUCH_MS = 1000
 
-# Resume: ARGV[1] now (ms), ARGV[2...] the apps the request may go to. {1, fields} live (touched when ``last`` is
-# TOUCH_MS old), {2, fields} past the cap, {3, fields} idle (both deleted), {4} another app's (untouched), {0} none.
+# Resume: ARGV[1] now (ms), ARGV[2] "1" to touch it (a request) or "0" (a WebSocket's check with no message since
+# the last), ARGV[3...] the apps the request may go to. {1, fields} live (touched when ``last`` is TOUCH_MS old),
+# {2, fields} past the cap, {3, fields} idle (both deleted), {4} another app's (untouched), {0} none.
 _RESUME = Script(
     """
 local v = redis.call('HGETALL', KEYS[1])
@@ -42,13 +43,13 @@ if #v == 0 then return {0} end
 local h = {}
 for i = 1, #v, 2 do h[v[i]] = v[i + 1] end
 local ours = false
-for i = 2, #ARGV do if ARGV[i] == h['app'] then ours = true end end
+for i = 3, #ARGV do if ARGV[i] == h['app'] then ours = true end end
 if not ours then return {4} end
 local now, cap, idle = tonumber(ARGV[1]), tonumber(h['cap']), tonumber(h['idle'])
 if now >= cap then redis.call('DEL', KEYS[1]); return {2, v} end
 local last = tonumber(h['last'])
 if now - last >= idle then redis.call('DEL', KEYS[1]); return {3, v} end
-if now - last >= TOUCH then
+if ARGV[2] == '1' and now - last >= TOUCH then
   redis.call('HSET', KEYS[1], 'last', ARGV[1])
   redis.call('PEXPIREAT', KEYS[1], math.min(cap, now + idle + GRACE))
 end
@@ -126,9 +127,10 @@ class SessionStore:
         found: Any = await self.connection.one("HGETALL", self.keys.session(session_id))
         return {_text(k): bytes(v) for k, v in dict(found).items()} if found else None
 
-    async def resume(self, session_id: str, apps: Iterable[str], now_ms: int) -> Resumed:
-        """Read the session, and touch it when it is live and of one of ``apps``: one script, one round trip."""
-        found = await self._eval(_RESUME, self.keys.session(session_id), now_ms, *apps)
+    async def resume(self, session_id: str, apps: Iterable[str], now_ms: int, touch: bool = True) -> Resumed:
+        """Read the session, and (with ``touch``) touch it when it is live and of one of ``apps``: one script, one
+        round trip. One past its cap or idle limit is deleted either way."""
+        found = await self._eval(_RESUME, self.keys.session(session_id), now_ms, "1" if touch else "0", *apps)
         state = {1: "live", 2: "max_age", 3: "idle", 4: "other_app"}.get(int(found[0]), "unknown")
         return Resumed(state, _fields(found[1]) if len(found) > 1 else {})
 
