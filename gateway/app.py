@@ -317,6 +317,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     dialects = request.app[DIALECTS]
     for app in route.apps:
         dialect = dialects[app.dialect]
+        if not dialect.owns(path):  # most requests: on to the app
+            continue
         matched = dialect.match(request.method, path)
         if matched is None or matched[0].kind not in ("mint", "info"):
             allowed = dialect.methods_at(path)

@@ -191,10 +191,15 @@ class Dialect(ABC):
                 return endpoint, params
         return None
 
+    def owns(self, path: str) -> bool:
+        """Whether ``path`` is a mint or info endpoint's (whatever the method): one match, which every pass-through
+        request asks."""
+        return self._own_paths.fullmatch(path) is not None
+
     def methods_at(self, path: str) -> tuple[str, ...]:
         """The methods of the mint and info endpoints at ``path`` (any other method there is refused with 405: such a
         path and its credentials are the gateway's, never the app's)."""
-        if self._own_paths.fullmatch(path) is None:  # every pass-through request asks: one match answers most
+        if not self.owns(path):
             return ()
         return tuple(e.method for e in self.endpoints if e.kind in ("mint", "info") and e.pattern.fullmatch(path))
 
