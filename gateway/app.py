@@ -156,7 +156,8 @@ def _admin_ctx(reuse_port: bool) -> Callable[[web.Application], AsyncIterator[No
         if admin.port is None or not admin.listens:  # no tokens: nothing it could serve, so no second port
             yield
             return
-        runner = web.AppRunner(create_admin_app(config, app[GATEWAY]), access_log=None)
+        runner = web.AppRunner(create_admin_app(config, app[GATEWAY]), access_log=None,
+                               keepalive_timeout=config.server.keepalive_seconds)  # fmt: skip
         await runner.setup()
         try:
             site = web.TCPSite(runner, admin.host, admin.port, reuse_port=reuse_port or None)

@@ -224,6 +224,7 @@ def run_worker(config: Config, host: str, port: int, reuse_port: bool, dev: bool
             port=port,
             reuse_port=reuse_port or None,
             shutdown_timeout=config.server.drain_seconds,
+            keepalive_timeout=config.server.keepalive_seconds,  # also bounds a request head that trickles in
             access_log=None,
             # called once every listener is open: one line saying where the gateway is
             print=lambda _: log.info("listening", url=f"http://{_address(host, port)}", public_url=public_url),

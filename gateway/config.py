@@ -49,6 +49,9 @@ class ServerConfig:
     body_timeout_seconds: float = 30.0  # a body the gateway reads whole, or a pause in one it streams
     upstream_connections: int = 256  # open connections per upstream address, at most
     drain_seconds: float = 10.0
+    # A client connection with no request in progress (idle between requests, or its request's head still
+    # arriving: a slow-loris) is closed after this long; above nginx's upstream keepalive_timeout (60 s).
+    keepalive_seconds: float = 75.0
 
 
 @dataclass(frozen=True)
@@ -379,6 +382,7 @@ def _validate(config: Config) -> None:
     _positive("server.body_timeout_seconds", s.body_timeout_seconds)
     _positive("server.upstream_connections", s.upstream_connections)
     _positive("server.drain_seconds", s.drain_seconds)
+    _positive("server.keepalive_seconds", s.keepalive_seconds)
     if config.admin.port is not None and not 0 <= config.admin.port <= 65535:
         raise ConfigError(f"admin.port: expected 0-65535 or null, got {config.admin.port}")
     url = config.store.url

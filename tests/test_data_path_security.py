@@ -566,6 +566,56 @@ async def test_a_small_slow_body_holds_no_upstream_connection(gw: GatewayMaker, 
     assert sink.accepted == 1 and len(sink.requests) == 1
 
 
+async def test_a_request_head_that_trickles_in_and_an_idle_connection_are_closed(tmp_path: Path, sink: Sink) -> None:
+    """A slow-loris client (a byte of its head now and then) is cut once ``server.keepalive_seconds`` have passed
+    since it connected (or since its last answer), as an idle keep-alive connection is; a real process, since the
+    timer belongs to the server it runs."""
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        "embedded",
+        port,
+        apps=demo_apps(sink.url),
+        directory=DIRECTORY,
+        server={"port": port, "public_url": f"http://127.0.0.1:{port}", "keepalive_seconds": 1},
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}", proc)
+
+        async def cut_after(trickle: bytes) -> float:
+            """Seconds until the gateway closes a connection sending ``trickle`` a byte every 0.2 s (99: never)."""
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            started = time.monotonic()
+            try:
+                for byte in trickle:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    if await _closed(reader, 0.2):
+                        return time.monotonic() - started
+                return time.monotonic() - started if await _closed(reader, 10) else 99.0
+            finally:
+                writer.close()
+
+        head = b"GET /app/trickle HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 200
+        assert await cut_after(head) < 3  # 40 s of trickle if nothing cut it
+        assert await cut_after(b"") < 3  # idle from the start
+    finally:
+        stop(proc)
+    assert sink.requests == []
+
+
+async def _closed(reader: asyncio.StreamReader, within: float) -> bool:
+    """Whether the peer closes (or resets) the connection within ``within`` seconds."""
+    try:
+        return await asyncio.wait_for(reader.read(1), within) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
 # == 4. The upstream URL comes from parsed parts =================================================================
 async def test_upstream_url_is_built_from_parsed_parts(gw: GatewayMaker, sink: Sink) -> None:
     """Absolute-form targets, encoded mounts and dot-segments never change the upstream nor shift its path."""
