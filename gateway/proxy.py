@@ -207,20 +207,33 @@ class Proxy:
         held: Held | None = None,
         cookies: CookieFilter | None = None,
         banner: str | None = None,
+        resign: Callable[[], str] | None = None,
     ) -> web.StreamResponse:
         """Send the request to ``upstream`` (on ``held`` first, when given) and stream its answer back (502
         unreachable or garbled, 504 too slow). A StreamReader ``body`` streams after ``prefix``, the part of it
         already read. A request carrying the assertion never has it echoed back (see the module docstring).
         ``cookies`` decides which Set-Cookie headers of the answer the client gets; ``banner`` (an impersonation
         session's notice, HTML) goes before the last ``</body>`` of an unencoded ``text/html`` answer of up to
-        :data:`BANNER_LIMIT` bytes (see :func:`with_banner`)."""
+        :data:`BANNER_LIMIT` bytes (see :func:`with_banner`).
+
+        A request that a reused connection drops before any byte of its answer goes again on a new one (see
+        :mod:`gateway.upstream`), but an assertion is single-use: the app never gets one twice. A request carrying
+        one goes again only with a new one, from ``resign`` (a session's; a redemption's has none: 502)."""
         stalled = [False]
+        resend = None
+        if ASSERTION_HEADER in headers:
+
+            def resend(again: CIMultiDict[str]) -> bool:
+                if resign is not None:
+                    again[ASSERTION_HEADER] = resign()
+                return resign is not None
+
         data = bodies.stream(body, self.body_timeout, stalled, prefix) if isinstance(body, StreamReader) else body
         pool = self.http.pool(upstream.host, upstream.port, upstream.scheme == "https")
         try:
             async with await self.http.request(
                 pool, method or request.method, upstream.target(raw_path, query), upstream.authority, headers, data,
-                connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout, held=held,
+                connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout, held=held, resend=resend,
             ) as answer:  # fmt: skip
                 return await _relay(request, answer, expire_cookies, headers.get(ASSERTION_HEADER), cookies, banner)
         except (aiohttp.ClientError, OSError, ValueError, HttpProcessingError) as exc:  # TimeoutError is an OSError

@@ -28,7 +28,7 @@ import base64
 import hashlib
 import html
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 
 import structlog
@@ -305,6 +305,7 @@ class Redeemer:
         cookies: CookieFilter | None = None,
         alive: Liveness | None = None,
         banner: str | None = None,
+        resign: Callable[[], str] | None = None,
     ) -> web.StreamResponse:
         upstream = self.upstreams[app.name]
         raw_path, query = route.raw_path(target), target.query if query is None else query
@@ -322,7 +323,7 @@ class Redeemer:
         return await self.proxy.forward(request, upstream, raw_path, query, headers, body, method=method,
                                         expire_cookies=expire, prefix=prefix,
                                         held=held if isinstance(held, Held) else None, cookies=cookies,
-                                        banner=banner)  # fmt: skip
+                                        banner=banner, resign=resign)  # fmt: skip
 
     # -- sessions -------------------------------------------------------------------------------------
     async def _start(
@@ -414,7 +415,7 @@ class Redeemer:
         try:
             response = await self._forward(request, target, route, app, raw_body, headers,
                                            cookies=self._keeper(session), alive=self._alive(session),
-                                           banner=banner)  # fmt: skip
+                                           banner=banner, resign=lambda: self.sessions.assertion(session))  # fmt: skip
             status = response.status
             return response
         finally:

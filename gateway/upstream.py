@@ -12,7 +12,8 @@ and llhttp response parser (``ResponseHandler``), and its ``StreamWriter`` for b
   is ready (:meth:`Client.hold`): a redemption spends its grant only once the app can be reached.
 - A reused connection that the app drops before any byte of the answer (it closed it just as it was reused:
   the app never read the request) sends the request once more on a new connection, whatever its method, when
-  its body is still held (bytes, not a stream); browsers do the same.
+  its body is still held (bytes, not a stream); browsers do the same. The caller may veto it or change the
+  headers first (``resend``): the app may have read the request after all, and an assertion is single-use.
 - The request goes out as given: the head in one write, a body of known size with it, a stream after it
   (chunked when its size is unknown, never more than a declared ``Content-Length``, with backpressure).
 - The answer is parsed by llhttp as aiohttp's client does; its body is a flow-controlled StreamReader, and
@@ -27,7 +28,7 @@ import contextlib
 import select
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,11 +214,13 @@ class Client:
         connect_timeout: float,
         read_timeout: float | None,
         held: Held | None = None,
+        resend: Callable[[CIMultiDict[str]], bool] | None = None,
     ) -> Exchange:
         """Send ``method target`` with ``headers`` (Host is ``authority``) and ``body`` and return the exchange once
         the answer's head has come; ``async with`` it gives the answer, whose body the caller reads, and then puts
         the connection back in the pool if that was all of it. A streamed body without a Content-Length goes
-        chunked. ``held`` is the connection to use first (see :meth:`hold`). Raises UpstreamTimeout, TimeoutError
+        chunked. ``held`` is the connection to use first (see :meth:`hold`). ``resend`` is asked before the request goes
+        once more (it may change ``headers``; False: it does not go again). Raises UpstreamTimeout, TimeoutError
         (the upstream paused longer than ``read_timeout``), OSError or aiohttp's ClientError (connection refused or
         reset, a garbled answer) or HttpProcessingError (an answer llhttp refused)."""
         connection: Connection | None
@@ -240,7 +243,7 @@ class Client:
             try:
                 return await self._exchange(pool, connection, method, target, authority, headers, body, read_timeout)
             except (ServerDisconnectedError, ClientOSError, ConnectionResetError):
-                if not retry or connection.answered:
+                if not retry or connection.answered or (resend is not None and not resend(headers)):
                     raise
             retry, fresh, connection = False, True, None
 

@@ -44,6 +44,7 @@ class App:
 
     url: str
     requests: list[Recorded] = field(default_factory=list)
+    drop: int = 0  # how many of the next requests to read and record, then drop without an answer
 
     def claims(self, index: int = -1) -> dict[str, Any]:
         token = self.requests[index].headers["X-Impersonation-Assertion"]
@@ -70,6 +71,11 @@ async def app(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> App:
             return ws
         found.requests.append(Recorded(request.method, request.path, dict(request.query), dict(request.headers),
                                        await request.read()))  # fmt: skip
+        if found.drop:
+            found.drop -= 1
+            assert request.transport is not None
+            request.transport.abort()  # read, perhaps acted on, never answered
+            return web.Response()
         response = web.json_response({"path": request.path, "n": len(found.requests)})
         if "app_sid" not in request.cookies and "X-Impersonation-Assertion" in request.headers:
             response.set_cookie("app_sid", f"secret-{len(found.requests)}", httponly=True, path="/")
@@ -443,6 +449,23 @@ async def test_end_redirects_to_end_url(start: Factory, app: App) -> None:
     response = await gw.client.post("/_impersonation/end", headers={"Cookie": f"{COOKIE}={cookie}"},
                                     allow_redirects=False)  # fmt: skip
     assert (response.status, response.headers["Location"]) == (303, "/bye")
+
+
+async def test_an_assertion_never_reaches_the_app_twice_when_it_drops_the_connection(gw: Gateway, app: App) -> None:
+    """A reused connection the app drops before any byte of an answer: the request goes again, but never with the
+    same assertion. A session's request goes with a new one (its own jti); a redemption's is single-use: 502."""
+    cookie, _ = await gw.start()  # its connection to the app is kept alive, and reused next
+    app.drop = 1
+    response = await gw.get("/dropped", cookie)
+    assert response.status == 200
+    assert [r.path for r in app.requests[-2:]] == ["/dropped", "/dropped"]
+    assert app.claims(-2)["jti"] != app.claims(-1)["jti"] and app.claims(-1)["sid"] == session_id(cookie)
+    grant = await gw.mint()
+    seen = len(app.requests)
+    app.drop = 1
+    response = await gw.client.get("/" + grant["login_url"].split("/", 3)[3])
+    assert response.status == 502
+    assert len(app.requests) == seen + 1 and app.claims()["jti"] == grant["grant_id"]
 
 
 # -- WebSockets ----------------------------------------------------------------------------------------------------

@@ -196,6 +196,41 @@ async def test_a_connection_closed_as_it_is_reused_is_retried_when_the_body_is_h
     client.close()
 
 
+@pytest.mark.parametrize("again", [False, True])
+async def test_resend_decides_whether_and_with_what_headers_a_request_goes_again(
+    serve: Callable[[Handler], Awaitable[Server]], again: bool
+) -> None:
+    """``resend`` is asked before a dropped request goes once more: False keeps it from the app a second time (a
+    single-use assertion), True sends it with the headers as ``resend`` left them."""
+
+    async def drop_the_second(connection: Connection, request: bytes) -> bool:
+        if sum(n == connection.number for n, _ in server.requests) == 2:
+            return False
+        return await answer(connection)
+
+    def resend(headers: CIMultiDict[str]) -> bool:
+        headers["X-Try"] = "2"
+        return again
+
+    server = await serve(drop_the_second)
+    client = Client(limit=4)
+    pool = client.pool("127.0.0.1", server.port, False)
+    assert await fetch(client, pool) == b"ok"
+    headers = CIMultiDict({"X-Try": "1"})
+    if again:
+        exchange = await client.request(pool, "GET", "/x", "app", headers, None, connect_timeout=1, read_timeout=2,
+                                        resend=resend)  # fmt: skip
+        async with exchange as got:
+            assert await got.body.read() == b"ok"
+        assert [n for n, _ in server.requests] == [1, 1, 2] and b"X-Try: 2" in server.requests[-1][1]
+    else:
+        with pytest.raises((ServerDisconnectedError, ConnectionError)):
+            await client.request(pool, "GET", "/x", "app", headers, None, connect_timeout=1, read_timeout=2,
+                                 resend=resend)  # fmt: skip
+        assert [n for n, _ in server.requests] == [1, 1]
+    client.close()
+
+
 async def test_a_request_whose_answer_began_is_never_retried(serve: Callable[[Handler], Awaitable[Server]]) -> None:
     """A reused connection that breaks after part of an answer came fails: the app may have acted on it."""
 
