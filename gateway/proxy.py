@@ -156,6 +156,9 @@ class Proxy:
             skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
             timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_read=None),
         )
+        # aiohttp sends a GET once more when the app drops its connection before answering: a handshake's assertion
+        # is single-use, and the app may have read it (the soak saw apps get one twice).
+        self.ws._retry_connection = False
 
     async def close(self) -> None:
         self.http.close()

@@ -63,6 +63,11 @@ async def app(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> App:
     async def record(request: web.Request) -> web.StreamResponse:
         if request.path == "/ws":
             found.requests.append(Recorded("GET", "/ws", {}, dict(request.headers), b""))
+            if found.drop:
+                found.drop -= 1
+                assert request.transport is not None
+                request.transport.abort()
+                return web.Response()
             ws = web.WebSocketResponse()
             ws.set_cookie("ws_sid", "ws-secret", httponly=True)
             await ws.prepare(request)
@@ -466,6 +471,10 @@ async def test_an_assertion_never_reaches_the_app_twice_when_it_drops_the_connec
     response = await gw.client.get("/" + grant["login_url"].split("/", 3)[3])
     assert response.status == 502
     assert len(app.requests) == seen + 1 and app.claims()["jti"] == grant["grant_id"]
+    app.drop = 1  # a WebSocket handshake does not go again either (aiohttp's client would resend it)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await gw.client.ws_connect("/ws", headers={"Cookie": f"{COOKIE}={cookie}"})
+    assert refused.value.status == 502 and len(app.requests) == seen + 2
 
 
 # -- WebSockets ----------------------------------------------------------------------------------------------------
