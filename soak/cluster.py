@@ -208,6 +208,7 @@ class Settings:
     connect_timeout: float = 2.0
     body_timeout: float = 5.0
     drain_seconds: float = 5.0
+    keepalive_seconds: float = 75.0  # the gateway's default: above nginx's upstream keepalive_timeout (60 s)
     session_max: int = 30
     session_idle: int = 10
 
@@ -378,6 +379,7 @@ class Cluster:
                 "trusted_proxies": ["127.0.0.1/32"],
                 "body_timeout_seconds": s.body_timeout,
                 "drain_seconds": s.drain_seconds,
+                "keepalive_seconds": s.keepalive_seconds,
             },
             "store": {"url": self.store_url, "prefix": PREFIX, "timeout_seconds": 1},
             "directory": {"file": str(self.directory_file), "refresh_seconds": 1},
