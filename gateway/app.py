@@ -43,7 +43,7 @@ from .logging import (
     unexpected,
 )
 from .metrics import Metrics
-from .proxy import STREAMING, Proxy
+from .proxy import STREAMING, AnswerCut, Proxy
 from .redemption import KIND, Redeemer
 from .routing import BadTarget, Router, client_address, parse_target
 from .store import AnyRedis, Store, connect, redacted, unreachable
@@ -226,12 +226,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except web.HTTPException as exc:
         status = exc.status
         raise
+    except AnswerCut:  # logged where it was cut
+        status = 502
+        return _cut(request)
     except ConnectionResetError:  # the client went away mid-request: nobody to answer, nothing wrong here
         status = 499
         log.info("client_disconnected", request_id=request_id)
-        if request.get(STREAMING):
-            raise
-        return web.Response(status=499)
+        return _cut(request)
     except Exception as exc:
         bind_request(request)
         log.error("unhandled_error", **unexpected(exc))  # never its text: it may quote request or answer bytes
@@ -244,6 +245,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
         request.app[METRICS].observe(request.get(KIND, "other"), duration)
         log_request({"request_id": request_id, "method": request.method, "path": loggable_path(request.path),
                      "status": status, "duration_ms": round(duration * 1000, 2)})  # fmt: skip
+
+
+def _cut(request: web.Request) -> web.Response:
+    """Abort the client's connection (a begun answer must not be ended as if whole: aiohttp would send the last
+    chunk); aiohttp then finds nothing to write the returned answer to, and says nothing of it."""
+    if request.transport is not None:
+        request.transport.abort()
+    return web.Response(status=499)
 
 
 async def healthz(request: web.Request) -> web.Response:

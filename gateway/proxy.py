@@ -83,6 +83,11 @@ WATCH_SECONDS = 2.0
 _UNSENDABLE_CLOSE = {0: 1000, 1005: 1000, 1006: 1011, 1015: 1011}  # close codes no close frame may carry
 
 
+class AnswerCut(ConnectionResetError):
+    """An answer already begun that cannot be finished (the app broke it, or it held the assertion): all that is left
+    is to cut the client's connection, so that what it got does not look whole."""
+
+
 @dataclass(frozen=True)
 class Upstream:
     """An app's upstream, parsed once: where its requests go and how long they may take."""
@@ -239,9 +244,15 @@ class Proxy:
                 connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout, held=held, resend=resend,
             ) as answer:  # fmt: skip
                 return await _relay(request, answer, expire_cookies, headers.get(ASSERTION_HEADER), cookies, banner)
+        except AnswerCut:
+            raise
         except (aiohttp.ClientError, OSError, ValueError, HttpProcessingError) as exc:  # TimeoutError is an OSError
             if request.get(STREAMING):  # the answer has begun: all that is left is to cut the connection
-                raise
+                if request.transport is not None and not request.transport.is_closing():  # the app broke it
+                    bind_request(request)
+                    log.warning("upstream_broke_answer", upstream=upstream.authority, error=type(exc).__name__)
+                    raise AnswerCut() from exc
+                raise ConnectionResetError("the client went away") from exc
             if stalled[0]:
                 return _plain(408, "Request Timeout: the request body stopped arriving.\n", close=True)
             if request.transport is None or request.transport.is_closing():
@@ -401,7 +412,7 @@ async def _relay(
             chunk = tail + chunk
             if secret in chunk:
                 _withheld(request, answer.status)
-                raise ConnectionResetError("the answer held the assertion")  # the client's connection is cut
+                raise AnswerCut("the answer held the assertion")
             tail = chunk[-keep:]
             await streamed.write(chunk[:-keep])
         await streamed.write(tail)
