@@ -42,6 +42,7 @@ from .sessions import cookie_name
 GATEWAY = "igw_gateway"
 GRANT = "$igw_grant"  # 1 when a request holds a grant-shaped value in any carrier
 SESSION_PATH = "/_impersonation/"  # below an app's mount: the gateway's own paths on routes that hold sessions
+GATEWAY_MARGIN = 5.0  # seconds nginx waits for the gateway beyond what the gateway waits for an app
 # A run that decodes to a grant: each character as itself or percent-encoded.
 _GRANT_RUN = f"(?:[A-Za-z0-9_-]|%[0-9A-Fa-f]{{2}}){{{TOKEN_LENGTH}}}"
 _SPACES = r"\s|\+|%20|%09"  # "+" too: the gateway decodes values as a form would
@@ -226,7 +227,15 @@ def _server(
     access_log: str,
     upstream_names: Mapping[str, str],
 ) -> str:
-    gateway_timeout = max((_timeout(a.read_timeout_seconds) for a in config.apps), key=_seconds, default="300s")
+    # The gateway waits for an app up to its connect timeout, then each pause of its answer up to its read timeout,
+    # and then answers itself (504, in the dialect's shape): nginx waits a little longer for the gateway, so that it
+    # is the gateway's answer that the client gets (with several gateways listed, nginx would also take them all for
+    # failed at once, and answer 502 to everything bound for them for a while).
+    gateway_timeout = max(
+        (_timeout(a.read_timeout_seconds and a.read_timeout_seconds + a.connect_timeout_seconds + GATEWAY_MARGIN)
+         for a in config.apps),
+        key=_seconds, default="300s",
+    )  # fmt: skip
     lines = [
         "server {",
         f"    listen {listen}{'' if hosts else ' default_server'};",

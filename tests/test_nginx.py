@@ -824,3 +824,19 @@ async def test_real_nginx_sends_sessions_to_the_gateway(
     if to == "gateway":  # the gateway sees the request as sent
         assert seen.raw_path == target
         assert seen.cookies == [v for k, v in headers if k == "Cookie"]
+
+
+def test_nginx_waits_for_the_gateway_longer_than_the_gateway_waits_for_an_app() -> None:
+    """The gateway answers a slow app itself (504 in the dialect's shape) before nginx gives up on the gateway;
+    requests nginx sends to an app directly wait just as long as the gateway would."""
+    apps = {"control-panel": {"dialect": "activeplatform", "upstream": "http://127.0.0.1:9001",
+                              "read_timeout_seconds": 30, "connect_timeout_seconds": 2},
+            "analytics": {"dialect": "pyramid", "upstream": "http://127.0.0.1:9002", "mount": "/bi",
+                          "read_timeout_seconds": 10, "connect_timeout_seconds": 1}}  # fmt: skip
+    text = render(config_from_dict({"server": {"port": 8081}, "apps": apps}), DIALECTS, listen="0.0.0.0:8080",
+                  gateway="127.0.0.1:8081", source="config.yaml")  # fmt: skip
+    blocks = [b for b in text.split("\n    location ")[1:] if "proxy_read_timeout" in b]
+    to_gateway = {b.split("proxy_read_timeout ")[1].split(";")[0] for b in blocks if "http://igw_gateway;" in b}
+    to_apps = {b.split("proxy_read_timeout ")[1].split(";")[0] for b in blocks if "http://igw_gateway;" not in b}
+    assert to_gateway == {"37s"}  # the longest wait for an app (2 + 30 s) and 5 s more
+    assert to_apps == {"30s", "10s"}
