@@ -77,7 +77,7 @@ _WS_HANDSHAKE = ("sec-websocket-key", "sec-websocket-version", "sec-websocket-pr
 CookieFilter = Callable[[list[str]], Awaitable[list[str]]]
 # Whether what a WebSocket belongs to (an impersonation session) still holds; asked every WATCH_SECONDS, so a session
 # ended anywhere closes its WebSockets on every process within that (DESIGN §13: within 5 s). Its argument says
-# whether a message went either way since it was last asked (activity, for the session's idle limit).
+# whether the client sent a message since it was last asked (activity, for the session's idle limit).
 Liveness = Callable[[bool], Awaitable[bool]]
 WATCH_SECONDS = 2.0
 _UNSENDABLE_CLOSE = {0: 1000, 1005: 1000, 1006: 1011, 1015: 1011}  # close codes no close frame may carry
@@ -510,9 +510,11 @@ async def _bridge(
 ) -> None:
     """Relay messages both ways until one side closes or goes away; then close the other side the same way. With
     ``alive``, asked every :data:`WATCH_SECONDS`: once it says no, both sides are closed with 1008."""
-    activity = [False]  # set by either pump at each message, cleared by the watcher
+    activity = [
+        False
+    ]  # set at each of the client's messages (the app's are not the user's activity), cleared by the watcher
     to_app = asyncio.create_task(_pump(client, app, activity))
-    to_client = asyncio.create_task(_pump(app, client, activity))
+    to_client = asyncio.create_task(_pump(app, client, [False]))
     watcher = asyncio.create_task(_watch(alive, activity)) if alive is not None else None
     tasks = (to_app, to_client) if watcher is None else (to_app, to_client, watcher)
     try:

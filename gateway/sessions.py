@@ -316,8 +316,8 @@ class Sessions:
 
     async def alive(self, session: Session, active: bool) -> bool:
         """Whether ``session`` is still live (a WebSocket of it asks every few seconds); one found past its cap or
-        idle limit is ended. ``active`` (messages went since it last asked) counts as activity for its idle limit,
-        as a request does."""
+        idle limit is ended. ``active`` (the client sent messages since it last asked) counts as activity for its
+        idle limit, as a request does."""
         found = await self.store.session_store.resume(session.id, [session.app], self._now_ms(), touch=active)
         if found.state in ("max_age", "idle"):
             await self._ended(Session.from_fields(session.id, found.fields), found.state)

@@ -265,9 +265,9 @@ async def test_requests_of_the_session_carry_a_fresh_assertion_and_never_the_coo
 
 async def test_a_session_request_is_one_round_trip(start: Factory, app: App) -> None:
     gw = await start(directory={"refresh_seconds": 3600})  # no refresh (nor sweep) sends anything meanwhile
-    cookie, _ = await gw.start()
     base = time.time()
-    gw.sessions.clock = lambda: base
+    gw.sessions.clock = lambda: base  # started, and touched last, at base
+    cookie, _ = await gw.start()
     await gw.get("/warm", cookie)  # the script is cached by Redis now
     real_server = not isinstance(gw.redis, fakeredis.FakeAsyncRedis)
 
@@ -498,8 +498,9 @@ async def test_a_websocket_of_the_session_is_closed_when_it_ends(gw: Gateway, ap
 
 async def test_a_websocket_s_messages_count_as_activity(gw: Gateway, app: App, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(proxy, "WATCH_SECONDS", 0.05)
-    cookie, _ = await gw.start()
     base = time.time()
+    gw.sessions.clock = lambda: base
+    cookie, _ = await gw.start()
     async with gw.client.ws_connect("/ws", headers={"Cookie": f"{COOKIE}={cookie}"}) as ws:
         # A message every 10 s: 30 s past the handshake, beyond the idle limit (20 s) of a session without requests.
         for offset in (10, 20, 30):
@@ -507,7 +508,9 @@ async def test_a_websocket_s_messages_count_as_activity(gw: Gateway, app: App, m
             await ws.send_str(f"at {offset}")
             assert (await ws.receive(timeout=5)).data == f"at {offset}"  # still bridged: the session is live
             await asyncio.sleep(0.2)  # the watcher has seen the messages, and touched the session
-        gw.sessions.clock = lambda: base + 51  # 21 s of silence: the watcher finds it idle and closes the bridge
+        gw.sessions.clock = lambda: base + 40  # 10 s of silence: still live, and the watcher's checks touch nothing
+        await asyncio.sleep(0.2)
+        gw.sessions.clock = lambda: base + 52  # 22 s since the last message (idle 20 s, and up to 1 s of lag): ended
         message = await ws.receive(timeout=5)
         assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1008
     (ended,) = await audit(gw, "session_ended")

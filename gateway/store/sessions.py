@@ -30,7 +30,7 @@ from .keys import Keys
 
 IDLE_GRACE_MS = 60_000  # a session past its idle limit stays readable this long, so its end is audited as idle
 # ``last`` is rewritten only once it is this old: a session's requests within a second write (and replicate)
-# nothing, and its idle limit holds to the second.
+# nothing. It may lag the last request by as much, so a session is idle this much past its idle limit (never early).
 TOUCH_MS = 1000
 
 # Resume: ARGV[1] now (ms), ARGV[2] "1" to touch it (a request) or "0" (a WebSocket's check with no message since
@@ -48,7 +48,7 @@ if not ours then return {4} end
 local now, cap, idle = tonumber(ARGV[1]), tonumber(h['cap']), tonumber(h['idle'])
 if now >= cap then redis.call('DEL', KEYS[1]); return {2, v} end
 local last = tonumber(h['last'])
-if now - last >= idle then redis.call('DEL', KEYS[1]); return {3, v} end
+if now - last >= idle + TOUCH then redis.call('DEL', KEYS[1]); return {3, v} end
 if ARGV[2] == '1' and now - last >= TOUCH then
   redis.call('HSET', KEYS[1], 'last', ARGV[1])
   redis.call('PEXPIREAT', KEYS[1], math.min(cap, now + idle + GRACE))
