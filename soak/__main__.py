@@ -69,8 +69,10 @@ async def run(cluster: Cluster, seconds: float, rates: Rates, seed: int) -> tupl
 
 
 def log_problems(logs: Path) -> dict[str, dict[str, Any]]:
-    """Error-level lines and tracebacks in the gateways' logs, per file: their count, by event and error, and the
-    first few."""
+    """Error-level lines, ``unhandled_error`` and tracebacks in the gateways' logs (every incarnation's stdout and
+    stderr), per file: their count, by event and error, and the first few. No injected fault excuses one: an app
+    that fails, Redis gone, a client that goes are each a warning of their own (``upstream_broke_answer``,
+    ``store_unavailable``...), so an error line is the gateway not expecting what happened."""
     problems: dict[str, dict[str, Any]] = {}
     pattern = re.compile(r'Traceback|"level": ?"(error|critical|exception)"|unhandled_error|"unexpected')
     for path in sorted(logs.glob("gateway-*.log")):
@@ -97,9 +99,15 @@ def main() -> int:
     print(f"soak: {seconds:.0f} s; processes' logs in {folder / 'logs'}", flush=True)
 
     def terminate(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # the same way out as Ctrl-C: every process is stopped
+        # SIGTERM and Ctrl-C (SIGINT) alike: out of whatever runs, every process stopped. SIGINT gets this handler
+        # too rather than asyncio.run's own, which only cancels the main task (the lanes' tasks, the faults' threads
+        # and the final waits went on: the run did not stop)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the cleaning up
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
     cluster = Cluster(folder, Settings())
     try:
         cluster.start()
@@ -119,9 +127,8 @@ def main() -> int:
         with contextlib.suppress(KeyboardInterrupt):
             cluster.stop()
     head = {"duration_seconds": meta["duration_seconds"], "soak_seconds": seconds, "started_at": started_at}
-    results = build(ledger, meta["app"], head, meta["interval"], meta["warmup"])
-    results["logs"] = str(folder / "logs")
-    results["gateway_log_problems"] = log_problems(folder / "logs")
+    head["logs"] = str(folder / "logs")
+    results = build(ledger, meta["app"], head, meta["interval"], meta["warmup"], log_problems(folder / "logs"))
     write(results, ROOT)
     for path in plots(results, ledger, ROOT / "docs" / "soak"):
         print(f"soak: wrote {path.relative_to(ROOT)}")

@@ -8,7 +8,8 @@
 - the downstream app (:mod:`soak.app`).
 
 Every child is started from the main thread with ``PR_SET_PDEATHSIG``: if the soak dies, even by SIGKILL, its
-children get SIGTERM, so none is left behind. :meth:`Cluster.stop` stops them all, in reverse order.
+children get SIGTERM (Redis and the Sentinels SIGKILL: a SIGSTOPped Redis would never act on a SIGTERM), so none
+is left behind. :meth:`Cluster.stop` stops them all, in reverse order.
 """
 
 from __future__ import annotations
@@ -54,9 +55,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
+def _die_with_parent(sig: int = signal.SIGTERM) -> None:  # pragma: no cover - runs in the child, before exec
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+
+def _killed_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
+    """Redis and the Sentinels: SIGKILL, which a stopped process (``redis:stop``'s SIGSTOP) cannot ignore; SIGTERM
+    would wait for a SIGCONT that never comes. They keep nothing that needs a clean exit."""
+    _die_with_parent(signal.SIGKILL)
 
 
 def listening(port: int) -> bool:
@@ -103,13 +110,20 @@ class Child:
         return text
 
 
-def spawn(name: str, args: list[str], logs: Path, env: dict[str, str] | None = None, split: bool = False) -> Child:
-    """Start ``args`` (``split``: stdout and stderr to two files, ``NAME.out.log`` and ``NAME.log``)."""
+def spawn(
+    name: str,
+    args: list[str],
+    logs: Path,
+    env: dict[str, str] | None = None,
+    split: bool = False,
+    death_signal: int = signal.SIGTERM,
+) -> Child:
+    """Start ``args`` (``split``: stdout and stderr to two files, ``NAME.out.log`` and ``NAME.log``); it gets
+    ``death_signal`` if the soak dies."""
+    preexec = _killed_with_parent if death_signal == signal.SIGKILL else _die_with_parent
     log = logs / f"{name}.log"
     with log.open("ab") as err, (logs / f"{name}.out.log").open("ab") if split else contextlib.nullcontext() as out:
-        proc = subprocess.Popen(
-            args, stdout=out if split else err, stderr=err, env=env, cwd=ROOT, preexec_fn=_die_with_parent
-        )
+        proc = subprocess.Popen(args, stdout=out if split else err, stderr=err, env=env, cwd=ROOT, preexec_fn=preexec)
     return Child(name, proc, log)
 
 
@@ -161,7 +175,7 @@ class RedisNode:
         if replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
         self.starts += 1
-        self.child = spawn(f"redis-{self.name}", args, logs)
+        self.child = spawn(f"redis-{self.name}", args, logs, death_signal=signal.SIGKILL)
 
     def answers(self) -> bool:
         try:
@@ -319,7 +333,7 @@ class Cluster:
                 f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {SERVICE} 10000\n"
             )
-            child = spawn(f"sentinel-{i}", [sentinel_binary, str(conf)], self.logs)
+            child = spawn(f"sentinel-{i}", [sentinel_binary, str(conf)], self.logs, death_signal=signal.SIGKILL)
             self.sentinels.append(child)
             wait_until(f"sentinel {i}", lambda port=port: client(port).ping(), child=child)
         for port in self.sentinel_ports:
@@ -446,12 +460,12 @@ class Cluster:
         if done.returncode != 0:
             raise ClusterError(f"proxy-config nginx failed: {done.stderr}")
         a, b = self.gateways["A"], self.gateways["B"]
-        # Both gateways behind nginx, as a deployment of two would have them; max_fails=0: nginx's read timeout on
-        # the gateway's path is the app's, so a slow app would otherwise take both gateways out of rotation for
-        # fail_timeout (10 s), and every mint through nginx would be a 502 meanwhile.
+        # Both gateways behind nginx, as a deployment of two would have them, with nginx's defaults (max_fails 1,
+        # fail_timeout 10 s: what users get). nginx waits on the gateway's locations 5 s longer than the gateway waits
+        # for an app (19f3cd2), so a slow app is the gateway's 504, not a timeout that takes a gateway out.
         text, count = re.subn(
             rf"\n    server 127\.0\.0\.1:{a.port};\n",
-            f"\n    server 127.0.0.1:{a.port} max_fails=0;\n    server 127.0.0.1:{b.port} max_fails=0;\n",
+            f"\n    server 127.0.0.1:{a.port};\n    server 127.0.0.1:{b.port};\n",
             done.stdout,
             count=1,
         )

@@ -36,7 +36,7 @@ from multidict import CIMultiDictProxy
 from gateway.core import grant_id
 
 from .cluster import PYTHON, REVOKE_TOKEN, ROOT, SCIM_TOKEN, Cluster, _die_with_parent
-from .ledger import Ledger
+from .ledger import Ledger, covering
 
 UPLOAD_BYTES = 20 * 1024 * 1024
 SESSION_COOKIE = "impersonation_session"
@@ -91,6 +91,22 @@ def shape_of(status: int, headers: CIMultiDictProxy[str] | dict[str, str], body:
     if data.get("success") is False and "error_type" in data:
         return "denovolab"
     return "other"
+
+
+def redemption_outcome(answer: Answer, gid: str) -> str:
+    """The gateway's answer to a redemption of grant ``gid``, judged by what the gateway said, not by what the app
+    saw (that is compared at the end: a success the app never saw is lost): ``success`` (under 400, the confirmation
+    page of a link excepted), ``wrong_jti`` (a success whose answer is the app's, carrying another jti or none),
+    ``confirmation_page``, ``refused`` (401), or the status (``error``: no answer)."""
+    if answer.status is None:
+        return "error"
+    if answer.status < 400:
+        if "X-Soak-App" in answer.headers:
+            return "success" if answer.headers.get("X-Soak-Jti") == gid else "wrong_jti"
+        if answer.status == 200 and b"<form" in answer.body:
+            return "confirmation_page"
+        return "success"
+    return "refused" if answer.status == 401 else str(answer.status)
 
 
 @dataclass
@@ -433,7 +449,7 @@ class Driver:
         if carrier == "link" and roll < 0.2:  # a mail scanner's GET: a confirmation page, nothing spent
             await self.preview(gid, link, app)
         outcome = await self.redeem(gid, token, link, app, carrier, self.target(), f"redeem.{carrier}")
-        if outcome in ("502", "504") and carrier != "websocket":  # the app was not reached: the grant must still work
+        if outcome in ("502", "504"):  # the grant must still work, unless the app got it (it then saw its jti)
             await asyncio.sleep(0.5)
             await self.redeem(gid, token, link, app, carrier, self.target(), "redeem.retry")
         elif outcome == "success" and self.random.random() < 0.1:
@@ -456,25 +472,19 @@ class Driver:
             judge=judge,
         )
         if answer.status and "X-Soak-App" in answer.headers:
-            self.ledger.redeemed(gid, "success")
+            self.ledger.redeemed(gid, "success", at=self.now(), kind="redeem.preview")
             self.ledger.notes.append(f"a GET of a link consumed grant {gid} (no redeem_on_get)")
 
     async def redeem(self, gid: str, token: str, link: str, app: str, carrier: str, target: Target, kind: str) -> str:
-        """Present the grant by ``carrier``; the outcome: ``success`` (the app answered, with this grant's jti),
-        ``refused`` (401), ``wrong_jti``, or the status."""
+        """Present the grant by ``carrier``; the outcome (:func:`redemption_outcome`): ``success``, ``wrong_jti``,
+        ``refused``, or the status."""
         # the dialect's shape until the grant is spent; the app's own answer, or the data path's text/plain 502/504
         # once it is (docs: "an application that fails to answer is a text/plain 502")
         shapes = [DIALECT_SHAPE[APP_DIALECT[app]], "app", "text"]
         layers = ["redis", "app"]
 
         def judge(a: Answer) -> str:
-            if a.status is not None and a.status < 400 and a.headers.get("X-Soak-Jti") == gid:
-                return "success"
-            if a.status is not None and a.status < 400 and "X-Soak-App" in a.headers:
-                return "wrong_jti"
-            if a.status == 401:
-                return "refused"
-            return str(a.status)
+            return redemption_outcome(a, gid)
 
         if carrier == "websocket":
             return await self.redeem_websocket(gid, token, target, kind)
@@ -517,8 +527,9 @@ class Driver:
                 shapes=shapes,
                 judge=judge,
             )
-        outcome = judge(answer) if answer.status is not None else "error"
-        self.ledger.redeemed(gid, outcome)
+        outcome = judge(answer)
+        jti = answer.headers.get("X-Soak-Jti", "")
+        self.ledger.redeemed(gid, outcome, at=self.now(), kind=kind, jti=jti)
         if outcome == "wrong_jti":
             self.ledger.notes.append(f"grant {gid}: the app answered with jti {answer.headers.get('X-Soak-Jti')}")
         return outcome
@@ -526,25 +537,34 @@ class Driver:
     async def redeem_websocket(self, gid: str, token: str, target: Target, kind: str) -> str:
         assert self.http is not None
         start = self.now()
-        outcome = "error"
+        outcome = "error"  # the grant's: the gateway's 101 is a success, whatever came after it
         answer = Answer(None)
+        jti = ""
+        upgraded = False
         try:
             async with self.http.ws_connect(
                 target.url.replace("http", "ws", 1) + f"/ws?token={token}", timeout=aiohttp.ClientWSTimeout(ws_close=10)
             ) as ws:
+                upgraded, outcome = True, "success"
                 first = await ws.receive(timeout=10)
                 claims = json.loads(first.data) if first.type is aiohttp.WSMsgType.TEXT else {}
+                jti = str(claims.get("jti", "-"))
+                if claims and claims.get("jti") != gid:
+                    outcome = "wrong_jti"
                 await ws.send_str("ping")
                 echoed = await ws.receive(timeout=10)
-                outcome = "success" if claims.get("jti") == gid and echoed.data == "ping" else "wrong_jti"
                 answer = Answer(101, {"X-Soak-App": "1"})
-        except aiohttp.WSServerHandshakeError as exc:
+                if echoed.data != "ping":
+                    answer = Answer(None, error=f"echo garbled: {echoed.type} {str(echoed.data)[:50]}")
+        except aiohttp.WSServerHandshakeError as exc:  # no 101: not a success, whatever its status
             answer = Answer(exc.status, dict(exc.headers or {}))
             outcome = "refused" if exc.status == 401 else str(exc.status)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            answer = Answer(None, error=f"{type(exc).__name__}: {exc}")
+            answer = Answer(None, error=f"{type(exc).__name__}: {exc}" + (" (after the 101)" if upgraded else ""))
         self.record(kind, start, answer, target, ["redis", "app"], ["text", "app"], lambda a: outcome)
-        self.ledger.redeemed(gid, outcome)
+        self.ledger.redeemed(gid, outcome, at=self.now(), kind=kind, jti=jti)
+        if outcome == "wrong_jti":
+            self.ledger.notes.append(f"grant {gid}: the app's WebSocket said jti {jti}")
         return outcome
 
     # -- pass-through --------------------------------------------------------------------------------------------
@@ -673,8 +693,11 @@ class Driver:
             shapes=["denovolab", "app", "text"],
             judge=lambda a: "started" if SESSION_COOKIE in a.cookies else str(a.status),
         )
-        success = answer.status is not None and answer.status < 400 and answer.headers.get("X-Soak-Jti") == gid
-        self.ledger.redeemed(gid, "success" if success else ("refused" if answer.status == 401 else "failed"))
+        outcome = redemption_outcome(answer, gid)
+        self.ledger.redeemed(
+            gid, outcome, at=self.now(), kind="session.start", jti=answer.headers.get("X-Soak-Jti", "")
+        )
+        success = outcome == "success"
         claims = answer.json() or {}
         if not success or SESSION_COOKIE not in answer.cookies or not claims.get("sid"):
             return None
@@ -696,45 +719,81 @@ class Driver:
 
     @staticmethod
     def live(answer: Answer, sid: str) -> bool | None:
-        """Whether the answer came from a request of session ``sid`` (None: no usable answer)."""
+        """Whether the answer came from a request of session ``sid``: True; False when the app answered a request
+        that was not the session's (a defect, unless a fault ended the session); None when no usable answer came
+        (a 5xx, no answer, not the app's: a fault may explain it)."""
         if answer.status is None or answer.status >= 500 or "X-Soak-App" not in answer.headers:
             return None
         data = answer.json() or {}
         return data.get("sid") == sid
 
+    def session_layers(self, *targets: Target) -> frozenset[str]:
+        """What a session's requests need: Redis, the app, the directory, and the gateway(s) they went to."""
+        return frozenset({"redis", "app", "directory"}).union(*(t.layers for t in targets))
+
+    def disturbed(self, began: float, what: str, layers: frozenset[str]) -> str:
+        """A session step that got no usable answer: ``disturbed (what; fault)`` when a fault touching ``layers``
+        covered the session's time, else a defect (``unexplained: what``)."""
+        fault = covering(self.ledger.faults, began, self.now(), layers)
+        if fault is not None:
+            return f"disturbed ({what}; {fault.name})"
+        return f"unexplained: {what}"
+
+    def judge_live(self, value: bool | None, began: float, what: str, layers: frozenset[str]) -> str | None:
+        """None when ``value`` (from :meth:`live`) is True; else the verdict: a missing answer is
+        :meth:`disturbed`, an answer outside the session :meth:`early` (only a fault that can end sessions
+        explains it)."""
+        if value is True:
+            return None
+        if value is None:
+            return self.disturbed(began, what, layers)
+        return self.early(began, f"{what}: the app answered outside the session")
+
     async def session_worker(self, flavors: list[str]) -> None:
         for flavor in itertools.cycle(flavors):
             if self.stopping.is_set():
                 return
+            target = self.target()
+            began = self.now()
             try:
-                verdict = await self.session_flavor(flavor, self.target(), next(self._subjects))
+                verdict = await self.session_flavor(flavor, target, next(self._subjects))
             except (aiohttp.ClientError, TimeoutError, OSError, KeyError, TypeError) as exc:
-                verdict = f"disturbed ({type(exc).__name__})"
+                verdict = self.disturbed(began, type(exc).__name__, self.session_layers(target, self.admin()))
             self.ledger.sessions[f"{flavor}: {verdict}"] += 1
+            if verdict != "ok" and verdict != "cut short" and not verdict.startswith("disturbed ("):
+                self.ledger.session_defects.append(
+                    {"flavor": flavor, "at": round(began, 1), "until": round(self.now(), 1), "verdict": verdict}
+                )
             if not await self.sleep(0.5):
                 return
 
     async def session_flavor(self, flavor: str, target: Target, subject: str) -> str:
-        """One session from start to end the ``flavor`` way; the verdict (``ok``, ``disturbed`` by a failure
-        that a fault may explain, or what went wrong)."""
+        """One session from start to end the ``flavor`` way; the verdict: ``ok``, ``disturbed (...; fault)`` by a
+        failure that a fault covering the session explains, ``cut short`` by the run's end, or what went wrong."""
         s = self.cluster.settings
+        flavor_began = self.now()
+        layers = self.session_layers(target)
         started = await self.start_session(target, subject, "read_only" if flavor == "read_only" else "full")
         if started is None:
-            return "disturbed (no session)"
+            return self.disturbed(flavor_began, "no session", layers)
         cookie, sid, began = started
         first = await self.in_session(target, cookie)
-        if self.live(first, sid) is not True:
-            return "disturbed (first request)"
+        if (verdict := self.judge_live(self.live(first, sid), began, "first request", layers)) is not None:
+            return verdict
         if flavor == "end":
             kept = await self.in_session(target, cookie, "/cookie")
             if "app_login" in kept.cookies:
                 return "app cookie reached the browser"
             again = await self.in_session(target, cookie)
-            if self.live(again, sid) and "app_login" not in (again.json() or {}).get("cookies", []):
+            if (verdict := self.judge_live(self.live(again, sid), began, "cookie sent back", layers)) is not None:
+                return verdict
+            if "app_login" not in (again.json() or {}).get("cookies", []):
                 return "kept cookie not sent back"
             page = await self.in_session(target, cookie, "/page", accept="text/html")
+            if page.status is None or page.status >= 500:
+                return self.disturbed(began, "page", layers)
             if page.status == 200 and b"_impersonation/end" not in page.body:
-                return "no banner"
+                return self.early(began, "no banner")
             ended = await self.call(
                 "session.end",
                 "POST",
@@ -745,15 +804,18 @@ class Driver:
                 shapes=["problem"],
             )
             if ended.status not in (200, 303):
-                return "disturbed (end)"
+                return self.disturbed(began, f"end {ended.status}", layers)
             self.ledger.sessions["ended_by_end"] += 1
-            return "ok" if self.live(await self.in_session(target, cookie), sid) is False else "live after end"
+            after = self.live(await self.in_session(target, cookie), sid)
+            if after is None:
+                return self.disturbed(began, "after end", layers)
+            return "ok" if after is False else "live after end"
         if flavor == "idle":
             if not await self.sleep(s.session_idle + 1.5):
                 return "cut short"
             after = self.live(await self.in_session(target, cookie), sid)
             if after is None:
-                return "disturbed (after idle)"
+                return self.disturbed(began, "after idle", layers)
             self.ledger.sessions["ended_idle"] += 1
             self.ledger.sessions["ended_on_time" if after is False else "ended_late"] += 1
             return "ok" if after is False else "live after idle limit"
@@ -769,12 +831,13 @@ class Driver:
             await self.sleep(max(0.0, began + s.session_max + 1.0 - self.now()))
             after = self.live(await self.in_session(target, cookie), sid)
             if after is None:
-                return "disturbed (after cap)"
+                return self.disturbed(began, "after cap", layers)
             self.ledger.sessions["ended_cap"] += 1
             self.ledger.sessions["ended_on_time" if after is False else "ended_late"] += 1
             return "ok" if after is False else "live after cap"
         if flavor in ("revoked", "admin_delete"):
             admin = self.admin()
+            both = self.session_layers(target, admin)
             auth = {"Authorization": f"Bearer {REVOKE_TOKEN}", "Content-Type": "application/json"}
             if flavor == "revoked":
                 answer = await self.call(
@@ -787,8 +850,10 @@ class Driver:
                     layers=["redis"],
                     shapes=["problem"],
                 )
-                if answer.status != 200 or (answer.json() or {}).get("sessions_ended", 0) < 1:
-                    return "disturbed (revocation)" if answer.status != 200 else "revocation ended no session"
+                if answer.status != 200:
+                    return self.disturbed(began, f"revocation {answer.status}", both)
+                if (answer.json() or {}).get("sessions_ended", 0) < 1:
+                    return self.early(began, "revocation ended no session")
             else:
                 answer = await self.call(
                     "admin.sessions",
@@ -799,11 +864,13 @@ class Driver:
                     layers=["redis"],
                     shapes=["problem"],
                 )
+                if answer.status == 404:
+                    return self.early(began, "admin DELETE found no session (404)")
                 if answer.status != 204:
-                    return f"disturbed (delete {answer.status})"
+                    return self.disturbed(began, f"delete {answer.status}", both)
             after = self.live(await self.in_session(target, cookie), sid)
             if after is None:
-                return "disturbed (after revocation)"
+                return self.disturbed(began, "after revocation", both)
             self.ledger.sessions["refused_after_revocation" if after is False else "live_after_revocation"] += 1
             return "ok" if after is False else "live after revocation"
         if flavor == "read_only":
@@ -811,21 +878,27 @@ class Driver:
                 marker = "".join(self.random.choices(string.ascii_lowercase, k=16))
                 refused = await self.in_session(target, cookie, f"{path}?m={marker}", method)
                 if refused.status is None or refused.status >= 500:
-                    return "disturbed (read_only)"
+                    return self.disturbed(began, f"read_only {method}", layers)
                 seen = await self.control("GET", f"/marker/{marker}")
                 if refused.status != 403 or seen.get("seen"):
+                    if seen.get("seen") and not seen.get("assertion"):  # no session's assertion: the session was gone
+                        return self.early(began, f"{method} {path} reached the app without the session")
                     self.ledger.sessions["read_only_leaks"] += 1
                     return f"{method} {path} in a read_only session: {refused.status}, app saw it: {seen.get('seen')}"
                 self.ledger.sessions["read_only_refusals"] += 1
-            return "ok" if self.live(await self.in_session(target, cookie), sid) else "disturbed (after refusals)"
+            verdict = self.judge_live(
+                self.live(await self.in_session(target, cookie), sid), began, "after refusals", layers
+            )
+            return verdict or "ok"
         return "unknown flavor"
 
     def early(self, began: float, what: str) -> str:
-        """The verdict on a session that ended too soon: ``disturbed`` when a fault that can end sessions (Redis
-        restarted empty or failed over, losing writes; a directory load) happened during it, else ``what``."""
+        """The verdict on a session that ended too soon, or a request the app answered outside it: ``disturbed``
+        when a fault that can end sessions (Redis restarted empty or failed over, losing writes; a directory load)
+        happened during it, else ``what`` (a defect)."""
         for fault in reversed(self.ledger.faults):
             if fault.name.startswith(("redis:", "directory:")) and fault.covers(began, self.now()):
-                return f"disturbed ({fault.name})"
+                return f"disturbed ({what}; {fault.name})"
         self.ledger.notes.append(f"session started at {began:.1f} s: {what}")
         return what
 

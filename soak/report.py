@@ -11,30 +11,65 @@ from typing import Any
 from .ledger import Ledger, growth_results
 
 GROWTH_LIMIT = 1.1
-MUST_BE_ZERO = ("grants_redeemed_twice", "redemptions_lost", "unexplained_5xx", "fault_checks_failed")
+MUST_BE_ZERO = (
+    "grants_redeemed_twice",
+    "redemptions_lost",
+    "wrong_jti",
+    "redeemed_though_revoked_or_deactivated",
+    "unexplained_5xx",
+    "unexplained_connection_errors",
+    "session_defects",
+    "gateway_log_errors",
+    "fault_checks_failed",
+)
 
 
-def build(ledger: Ledger, app: dict[str, Any], meta: dict[str, Any], interval: float, warmup: float) -> dict[str, Any]:
+def min_spans(readings: dict[str, list[dict[str, float]]], interval: float, warmup: float) -> tuple[float, float]:
+    """How long a series must go on after its warm-up to be judged, and a restarted process's warm-up: an
+    incarnation of B that lived ten minutes (two readings' warm-up, then eight) is judged, as A always is; in a
+    short run, a series covering 40 % of the run after the warm-up."""
+    restart_warmup = min(warmup, 2 * interval)
+    span = max((r[-1]["at"] for r in readings.values() if r), default=0.0) - warmup
+    return min(600.0 - restart_warmup, max(2 * interval, 0.4 * span)), restart_warmup
+
+
+def build(
+    ledger: Ledger,
+    app: dict[str, Any],
+    meta: dict[str, Any],
+    interval: float,
+    warmup: float,
+    log_problems: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The results: the must-be-zero counts and growth ratios first, then everything they come from. ``app`` is
-    what the app says it saw: ``jtis`` (counts), ``dupes`` (arrivals of those seen twice), ``stats``, ``t0_wall``."""
+    what the app says it saw: ``jtis`` (counts), ``dupes`` (arrivals of those seen twice), ``stats``, ``t0_wall``;
+    ``log_problems`` the error lines of the gateways' logs (:func:`soak.__main__.log_problems`)."""
     seen = app["jtis"]
     grants = ledger.grant_results(seen)
-    details = ledger.grant_details(grants["redeemed_twice"] + grants["lost"], seen, app["dupes"], app["t0_wall"])
+    wrongly = grants["redeemed_though_refusal_expected"]
+    ids = list(dict.fromkeys(grants["redeemed_twice"] + grants["lost"] + grants["wrong_jti"] + wrongly))
+    details = ledger.grant_details(ids, seen, app["dupes"], app["t0_wall"])
+    for detail in details:
+        detail["lost"] = grants["lost_why"].get(detail["id"])
     failures = ledger.failure_results()
     readings = ledger.readings(interval)
-    # a series is judged when it covers at least 40 % of the run after the warm-up: gateway A's always does; B, which
-    # the faults restart, is reported per series (growth_by_series) but its young incarnations are not judged
-    span = max((r[-1]["at"] for r in readings.values() if r), default=0.0) - warmup
-    growth = growth_results(readings, warmup, min_span=max(warmup, 2 * interval, 0.4 * span))
+    min_span, restart_warmup = min_spans(readings, interval, warmup)
+    growth = growth_results(readings, warmup, min_span=min_span, restart_warmup=restart_warmup)
     requests = {kind: dict(sorted(c.items())) for kind, c in sorted(ledger.outcomes.items())}
     failed_checks = [c for c in ledger.checks if not c["ok"]]
+    log_problems = log_problems or {}
     return {
         "grants_redeemed_twice": len(grants["redeemed_twice"]),
         "redemptions_lost": len(grants["lost"]),
+        "wrong_jti": len(grants["wrong_jti"]),
+        "redeemed_though_revoked_or_deactivated": len(wrongly),
         "unexplained_5xx": len(failures["unexplained_5xx"]),
+        "unexplained_connection_errors": len(failures["unexplained_connection_errors"]),
+        "session_defects": len(ledger.session_defects),
+        "gateway_log_errors": sum(p["count"] for p in log_problems.values()),
+        "fault_checks_failed": len(failed_checks),
         "rss_growth_ratio": growth["rss_growth_ratio"],
         "fd_growth_ratio": growth["fd_growth_ratio"],
-        "fault_checks_failed": len(failed_checks),
         **meta,
         "requests_total": sum(sum(c.values()) for c in ledger.outcomes.values()),
         "requests_by_kind": requests,
@@ -46,14 +81,15 @@ def build(ledger: Ledger, app: dict[str, Any], meta: dict[str, Any], interval: f
             "never_presented": grants["never_presented"],
             "seen_by_app": grants["seen_by_app"],
             "redeemed_twice": grants["redeemed_twice"],
-            "lost": grants["lost"],
-            "redeemed_though_revoked_or_deactivated": grants["redeemed_though_refusal_expected"],
+            "lost": grants["lost_why"],
+            "wrong_jti": grants["wrong_jti"],
+            "retried_after_502_504": grants["retried_after_502_504"],
+            "redeemed_though_revoked_or_deactivated": wrongly,
             "twice_or_lost_details": details[:100],
         },
         "fivexx_by_cause": failures["fivexx_by_cause"],
         "unexplained_5xx_details": failures["unexplained_5xx"][:200],
         "connection_errors_by_cause": failures["connection_errors_by_cause"],
-        "unexplained_connection_errors": len(failures["unexplained_connection_errors"]),
         "unexplained_connection_error_details": failures["unexplained_connection_errors"][:200],
         "latency_window_seconds": ledger.window_seconds,
         "latency_windows": ledger.latency_windows(),
@@ -64,12 +100,16 @@ def build(ledger: Ledger, app: dict[str, Any], meta: dict[str, Any], interval: f
         ],
         "fault_checks": ledger.checks,
         "sessions": dict(sorted(ledger.sessions.items())),
+        "session_defect_details": ledger.session_defects[:200],
         "reading_interval_seconds": interval,
         "warmup_seconds": warmup,
         "growth_by_series": growth["growth_by_series"],
         "growth_judged_series": growth["judged_series"],
+        "growth_min_span_seconds": round(min_span, 1),
+        "growth_restart_warmup_seconds": restart_warmup,
         "readings": readings,
         "app": app["stats"],
+        "gateway_log_problems": log_problems,
         "notes": ledger.notes,
     }
 
@@ -90,9 +130,11 @@ def summary(results: dict[str, Any]) -> str:
     g = results["grants"]
     lines = [
         f"soak: {results['duration_seconds']:.0f} s from {results['started_at']}, {results['requests_total']} requests",
-        f"grants: {g['minted']} minted, {g['redeemed']} redeemed, {g['refused']} refused; "
+        f"grants: {g['minted']} minted, {g['redeemed']} redeemed, {g['refused']} refused, "
+        f"{g['retried_after_502_504']} retried after a 502/504; "
         f"redeemed twice {results['grants_redeemed_twice']}, lost {results['redemptions_lost']}, "
-        f"redeemed though revoked/deactivated {len(g['redeemed_though_revoked_or_deactivated'])}",
+        f"wrong jti {results['wrong_jti']}, "
+        f"redeemed though revoked/deactivated {results['redeemed_though_revoked_or_deactivated']}",
         f"5xx by cause: {results['fivexx_by_cause']}; unexplained 5xx: {results['unexplained_5xx']}",
         f"connection errors by cause: {results['connection_errors_by_cause']}; "
         f"unexplained: {results['unexplained_connection_errors']}",
@@ -111,13 +153,25 @@ def summary(results: dict[str, Any]) -> str:
         for c in checks
         if not c["ok"]
     ]
+    for detail in g["twice_or_lost_details"][:10]:
+        lines.append(
+            f"  grant {detail['id']} ({detail['kind']}): lost {detail.get('lost')}, app saw {detail['app_saw']}, "
+            f"answers {detail['answers']}"
+        )
+    for failure in results["unexplained_5xx_details"][:10] + results["unexplained_connection_error_details"][:10]:
+        lines.append(
+            f"  unexplained {failure['status'] or 'no answer'} {failure['kind']} via {failure['via']} at "
+            f"{failure['at']} s ({failure['shape']}): {failure['detail'][:100]!r}"
+            + (f" [{failure['unexcused']}]" if failure.get("unexcused") else "")
+        )
     s = results["sessions"]
     lines.append(
         f"sessions: {s.get('started', 0)} started; ended on time {s.get('ended_on_time', 0)} "
         f"(late {s.get('ended_late', 0)}); refused after revocation {s.get('refused_after_revocation', 0)} "
         f"(live after {s.get('live_after_revocation', 0)}); read-only refusals {s.get('read_only_refusals', 0)} "
-        f"(leaks {s.get('read_only_leaks', 0)})"
+        f"(leaks {s.get('read_only_leaks', 0)}); defects {results['session_defects']}"
     )
+    lines += [f"  session defect: {d}" for d in results["session_defect_details"][:10]]
     kinds = Counter({k: sum(v.values()) for k, v in results["requests_by_kind"].items()})
     lines.append("requests: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
     problems = results.get("gateway_log_problems", {})
@@ -125,6 +179,8 @@ def summary(results: dict[str, Any]) -> str:
         f"gateway logs ({results.get('logs', '?')}): "
         + ("; ".join(f"{name}: {p['count']} error lines" for name, p in problems.items()) or "no error lines")
     )
+    for name, p in problems.items():
+        lines += [f"  {name}: {n} x {kind}" for kind, n in list(p["by_kind"].items())[:5]]
     reasons = failed(results)
     lines.append("RESULT: " + ("pass" if not reasons else "FAIL: " + "; ".join(reasons)))
     return "\n".join(lines) + "\n"

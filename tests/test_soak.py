@@ -8,10 +8,10 @@ import json
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from soak.driver import shape_of
+from soak.driver import Answer, Driver, redemption_outcome, shape_of
 from soak.faults import CLIENT, SERIAL, plan
-from soak.ledger import Failure, FaultWindow, Ledger, explain, growth, growth_results, longest, percentile
-from soak.report import failed
+from soak.ledger import Failure, FaultWindow, Ledger, explain, growth, growth_results, percentile
+from soak.report import MUST_BE_ZERO, build, failed, summary
 
 
 def headers(content_type: str, **extra: str) -> CIMultiDictProxy[str]:
@@ -66,6 +66,69 @@ def test_a_failure_is_explained_by_a_fault_that_covers_it_touches_what_it_needed
     )  # a fault still going on covers everything after its start
 
 
+def test_an_app_fault_explains_the_apps_own_500_503_and_the_gateways_502_504_never_a_gateway_500() -> None:
+    app = [FaultWindow("app:error_burst", "app", 20.0, frozenset({"app"}), end=25.0)]
+    redis = [FaultWindow("redis:stop", "redis", 20.0, frozenset({"redis"}), end=25.0)]
+    expected = "app text activeplatform"
+    assert explain(failure(21.0, 500, "app", "app", expected), app) == "app:error_burst"
+    assert explain(failure(21.0, 503, "app", "app", expected), app) == "app:error_burst"
+    assert explain(failure(21.0, 500, "text", "app", expected), app) is None  # the gateway's catch-all 500
+    assert explain(failure(21.0, 500, "activeplatform", "app", expected), app) is None
+    assert explain(failure(21.0, 503, "text", "app", expected), app) is None  # an app fault: no 503 of the gateway's
+    assert explain(failure(21.0, 502, "text", "app", expected), app) == "app:error_burst"
+    assert explain(failure(21.0, 504, "activeplatform", "app", expected), app) == "app:error_burst"
+    assert explain(failure(21.0, 502, "app", "app", expected), app) is None  # the app never answers 502 itself
+    assert explain(failure(21.0, 503, "app", "redis app", expected), redis) is None  # Redis makes no app answer
+    assert explain(failure(21.0, 503, "text", "redis app", expected), redis) == "redis:stop"
+    # garbage: every shape expected, app and Redis touched; still no 500 but the app's own
+    garbage = "activeplatform text denovolab btcdirect problem scim app html other"
+    assert explain(failure(21.0, 500, "text", "redis app", garbage), app + redis) is None
+    assert explain(failure(21.0, 500, "other", "redis app", garbage), app + redis) is None
+    cut = failure(21.0, None, None, "gw:B")
+    gateway = [FaultWindow("gateway:sigterm", "gateway", 20.0, frozenset({"gw:B"}), end=25.0)]
+    assert explain(cut, gateway) == "gateway:sigterm"
+    cut.unexcused = "in flight at the SIGTERM"
+    assert explain(cut, gateway) is None
+
+
+def test_requests_in_flight_at_a_sigterm_that_failed_are_never_explained() -> None:
+    ledger = Ledger(window_seconds=60)
+    ledger.fault("gateway:sigterm", "gateway", 10.0, frozenset({"gw:B", "gw:any"})).end = 14.0
+    ledger.drain(10.0, frozenset({"B", "nginx"}))
+    for via, start, status in [("B", 9.0, None), ("nginx", 9.5, 502), ("B", 10.5, None), ("A", 9.0, None)]:
+        ledger.request("pass.small", start, 11.0, status, "x", via=via, layers=frozenset({"gw:B", "gw:any", "app"}),
+                       shapes=frozenset({"text", "nginx"}), shape="nginx" if status else None)  # fmt: skip
+    ledger.request("pass.websocket", 9.0, 11.0, None, "error", via="B", layers=frozenset({"gw:B"}))
+    cut = ledger.cut_by_drain(10.0, frozenset({"B", "nginx"}))
+    assert [(f.via, f.start) for f in cut] == [("B", 9.0), ("nginx", 9.5)]
+    results = ledger.failure_results()
+    assert [f["via"] for f in results["unexplained_5xx"]] == ["nginx"]
+    assert [f["via"] for f in results["unexplained_connection_errors"]] == ["B"]
+    assert results["unexplained_connection_errors"][0]["unexcused"].startswith("in flight at the SIGTERM")
+    # begun after the signal (B no longer listens), A's, a WebSocket (a drain closes it): the fault's
+    assert results["connection_errors_by_cause"] == {"gateway": 3}
+
+
+def test_a_session_step_without_an_answer_is_a_fault_s_or_a_defect() -> None:
+    driver = Driver.__new__(Driver)
+    driver.ledger = Ledger(window_seconds=60)
+    driver.t0 = __import__("time").monotonic() - 50.0  # now: 50 s into the run
+    assert Driver.live(Answer(502, {}), "s1") is None
+    assert Driver.live(Answer(200, {"X-Soak-App": "1"}, b'{"sid": "s2"}'), "s1") is False
+    assert Driver.live(Answer(200, {"X-Soak-App": "1"}, b'{"sid": "s1"}'), "s1") is True
+    layers = frozenset({"redis", "app", "directory", "gw:A"})
+    assert driver.disturbed(40.0, "after idle", layers) == "unexplained: after idle"
+    assert driver.judge_live(False, 40.0, "first request", layers) == (
+        "first request: the app answered outside the session"
+    )
+    driver.ledger.fault("app:slow", "app", 45.0, frozenset({"app"}))
+    assert driver.disturbed(40.0, "after idle", layers) == "disturbed (after idle; app:slow)"
+    assert driver.judge_live(False, 40.0, "x", layers) == "x: the app answered outside the session"  # no app fault
+    assert driver.judge_live(True, 40.0, "x", layers) is None
+    driver.ledger.fault("redis:restart_empty", "redis", 46.0, frozenset({"redis"}))
+    assert driver.judge_live(False, 40.0, "x", layers).startswith("disturbed (x: ")
+
+
 def test_the_ledger_sorts_failures_into_explained_and_not() -> None:
     ledger = Ledger(window_seconds=20)
     ledger.fault("redis:stop", "redis", 10.0, frozenset({"redis"})).end = 13.0
@@ -98,6 +161,46 @@ def test_grants_redeemed_twice_or_lost() -> None:
     assert (results["minted"], results["redeemed"], results["refused"]) == (6, 5, 1)
 
 
+def test_a_redemption_is_judged_by_the_gateways_answer() -> None:
+    app = {"X-Soak-App": "1", "X-Soak-Jti": "g1"}
+    assert redemption_outcome(Answer(200, app), "g1") == "success"
+    assert redemption_outcome(Answer(200, {**app, "X-Soak-Jti": "g2"}), "g1") == "wrong_jti"
+    assert redemption_outcome(Answer(200, {**app, "X-Soak-Jti": "-"}), "g1") == "wrong_jti"  # no assertion at all
+    # the gateway's own answer under 400 is a success whatever the app saw: the app's count decides if it was lost
+    assert redemption_outcome(Answer(303, {"Location": "/"}), "g1") == "success"
+    assert redemption_outcome(Answer(200, {"Content-Type": "text/html"}, b"<form method=post>"), "g1") == (
+        "confirmation_page"
+    )
+    assert redemption_outcome(Answer(401, {}), "g1") == "refused"
+    assert redemption_outcome(Answer(502, {}), "g1") == "502"
+    assert redemption_outcome(Answer(None), "g1") == "error"
+
+
+def test_a_redemption_is_lost_when_the_gateway_said_success_or_spent_it_and_the_app_never_saw_it() -> None:
+    ledger = Ledger(window_seconds=60)
+    names = ("seen", "unseen", "wrong", "spent", "spent-seen", "race", "retried-ok", "unanswered")
+    for gid in names:
+        ledger.minted(gid, "mint.native", 1.0)
+    for gid, outcome, kind in [
+        ("seen", "success", "redeem.link"),
+        ("unseen", "success", "redeem.cookie"),  # a success the app never saw
+        ("wrong", "wrong_jti", "redeem.header"),  # the app answered with another jti
+        ("spent", "502", "redeem.link"), ("spent", "refused", "redeem.retry"),  # spent, never delivered
+        ("spent-seen", "502", "redeem.link"), ("spent-seen", "refused", "redeem.retry"),  # the app read it: by design
+        ("race", "502", "redeem.race"), ("race", "refused", "redeem.race"),  # a racer's refusal is no retry
+        ("retried-ok", "504", "redeem.body"), ("retried-ok", "success", "redeem.retry"),
+        ("unanswered", "error", "redeem.link"),
+    ]:  # fmt: skip
+        ledger.redeemed(gid, outcome, at=2.0, kind=kind, jti="other" if gid == "wrong" else "")
+    seen = {"seen": 1, "wrong": 1, "spent-seen": 1, "retried-ok": 1}
+    results = ledger.grant_results(seen)
+    assert results["lost_why"] == {"spent": "spent_undelivered", "unseen": "unseen", "wrong": "wrong_jti"}
+    assert results["wrong_jti"] == ["wrong"]
+    assert results["retried_after_502_504"] == 4
+    details = ledger.grant_details(["spent"], seen, {}, 0.0)
+    assert details[0]["answers"] == [[2.0, "redeem.link", "502"], [2.0, "redeem.retry", "refused"]]
+
+
 def test_readings_take_the_median_rss_and_the_fewest_fds_of_each_interval() -> None:
     ledger = Ledger(window_seconds=60)
     for at, rss, fds in [(1, 1024, 30), (3, 2048, 20), (5, 3072, 25), (11, 1024, 40)]:
@@ -107,24 +210,35 @@ def test_readings_take_the_median_rss_and_the_fewest_fds_of_each_interval() -> N
 
 def test_growth_is_the_last_reading_over_the_first_after_warmup() -> None:
     readings = [{"at": float(t), "rss_mib": 100.0 + t, "fds": 20.0} for t in range(0, 130, 10)]
-    assert growth(readings, "rss_mib", warmup=20, min_span=20) == round(220 / 120, 3)
+    # 110 readings 20..120 after the warm-up: the median of 140, 150, 160 and of 200, 210, 220
+    assert growth(readings, "rss_mib", warmup=20, min_span=20) == round(210 / 130, 3)
     assert growth(readings, "fds", warmup=20, min_span=20) == 1.0
     assert growth(readings, "rss_mib", warmup=100, min_span=30) is None  # 100..120: too short to say
+    assert growth(readings[:5], "rss_mib", warmup=20, min_span=20) == round(140 / 120, 3)  # few: single readings
     assert growth([], "fds", warmup=0, min_span=0) is None
-    noisy = [{"at": float(t), "fds": 20.0 + (t % 30) / 5} for t in range(0, 130, 10)]  # 20, 22, 24, 20, ...
-    assert growth(noisy, "fds", warmup=20, min_span=20) == round(20 / 24, 3)  # one reading each side
-    assert growth(noisy, "fds", warmup=20, min_span=20, floor=3) == 1.0  # the floors: 20 and 20
 
 
-def test_each_process_is_judged_by_its_longest_series() -> None:
-    steady = [{"at": float(t), "rss_mib": 100.0, "fds": 20.0} for t in range(0, 130, 10)]
-    young = [{"at": float(t), "rss_mib": 80.0 + t, "fds": 20.0 + t} for t in range(60, 130, 10)]
-    old_b = [{"at": float(t), "rss_mib": 100.0, "fds": 22.0} for t in range(0, 90, 10)]
-    readings = {"A": steady, "B": old_b, "B#2": young}
-    assert longest(readings) == {"A": "A", "B": "B"}
-    results = growth_results(readings, warmup=20, min_span=20)
-    assert results["rss_growth_ratio"] == 1.0 and results["fd_growth_ratio"] == 1.0  # B#2's young growth ignored
-    assert results["growth_by_series"]["B#2"]["fds"] is not None  # but reported
+def test_a_steady_leak_is_not_hidden_and_one_noisy_reading_is_smoothed() -> None:
+    # fds that come and go with the load (20..24) over a leak of one fd every other reading: it grows by 30 %
+    leak = [{"at": float(t), "fds": 40.0 + t / 20 + (t % 30) / 5} for t in range(0, 1210, 10)]
+    assert growth(leak, "fds", warmup=100, min_span=100) > 1.1
+    spike = [{"at": float(t), "fds": 40.0} for t in range(0, 1210, 10)]
+    spike[-2]["fds"] = 80.0  # one reading caught a burst of connections
+    assert growth(spike, "fds", warmup=100, min_span=100) == 1.0
+
+
+def test_every_series_long_enough_is_judged_restarted_ones_after_a_shorter_warmup() -> None:
+    steady = [{"at": float(t), "rss_mib": 100.0, "fds": 20.0} for t in range(0, 1300, 10)]
+    first_b = [{"at": float(t), "rss_mib": 100.0, "fds": 22.0} for t in range(0, 650, 10)]  # killed at 650 s
+    short_b = [{"at": float(t), "rss_mib": 80.0 + t, "fds": 20.0} for t in range(650, 700, 10)]
+    leaking_b = [  # ten minutes
+        {"at": float(t), "rss_mib": 100.0 + (t - 700) / 20, "fds": 20.0} for t in range(700, 1310, 10)
+    ]
+    readings = {"A": steady, "B": first_b, "B#2": short_b, "B#3": leaking_b}
+    results = growth_results(readings, warmup=600, min_span=480, restart_warmup=120)
+    assert results["judged_series"] == ["A", "B#3"]  # B ran 50 s past the warm-up, B#2 50 s in all: too short
+    assert results["rss_growth_ratio"] == results["growth_by_series"]["B#3"]["rss"] > 1.1  # B#3's leak counts
+    assert results["fd_growth_ratio"] == 1.0
 
 
 def test_percentile_is_the_nearest_rank() -> None:
@@ -147,9 +261,41 @@ def test_every_fault_plays_at_least_once_between_the_warmup_and_the_tail(seconds
 
 
 def test_the_verdict() -> None:
-    good = {"grants_redeemed_twice": 0, "redemptions_lost": 0, "unexplained_5xx": 0, "fault_checks_failed": 0,
-            "rss_growth_ratio": 1.02, "fd_growth_ratio": 1.1}  # fmt: skip
+    good = {key: 0 for key in MUST_BE_ZERO} | {"rss_growth_ratio": 1.02, "fd_growth_ratio": 1.1}
     assert failed(good) == []
-    assert failed({**good, "grants_redeemed_twice": 1}) == ["grants_redeemed_twice = 1"]
+    for key in MUST_BE_ZERO:
+        assert failed({**good, key: 2}) == [f"{key} = 2"]
     assert failed({**good, "rss_growth_ratio": 1.2}) == ["rss_growth_ratio = 1.2 > 1.1"]
     assert failed({**good, "fd_growth_ratio": None}) == ["fd_growth_ratio: no series long enough to say"]
+
+
+def test_the_results_hold_every_must_be_zero_key_and_count_what_went_wrong() -> None:
+    ledger = Ledger(window_seconds=60)
+    ledger.minted("lost", "mint.native", 1.0)
+    ledger.redeemed("lost", "success")
+    ledger.minted("revoked", "mint.native", 1.0, expect_refusal="revoked")
+    ledger.redeemed("revoked", "success")
+    ledger.minted("wrong", "mint.native", 1.0)
+    ledger.redeemed("wrong", "wrong_jti", jti="x")
+    ledger.request("pass.small", 30.0, 30.1, 500, "5xx", via="A", layers=frozenset({"app"}),
+                   shapes=frozenset({"app", "text"}), shape="text")  # fmt: skip
+    ledger.request("pass.small", 31.0, 31.1, None, "error", via="A", layers=frozenset({"app"}))
+    ledger.session_defects.append({"flavor": "idle", "at": 5.0, "until": 17.0, "verdict": "live after idle limit"})
+    ledger.checks.append({"fault": "app:slow", "at": 20.0, "ok": False, "expected": "504", "observed": "200"})
+    for at in range(0, 200, 10):
+        ledger.sample("A", float(at), 100 * 1024, 20)
+    app = {"jtis": {"revoked": 1, "wrong": 1}, "dupes": {}, "stats": {}, "t0_wall": 0.0}
+    logs = {"gateway-A.out.log": {"count": 3, "by_kind": {"unhandled_error KeyError at x": 3}, "first": []}}
+    meta = {"duration_seconds": 200.0, "started_at": "2026-01-01T00:00:00Z"}
+    results = build(ledger, app, meta, interval=10.0, warmup=20.0, log_problems=logs)
+    assert {key: results[key] for key in MUST_BE_ZERO} == {
+        "grants_redeemed_twice": 0, "redemptions_lost": 2, "wrong_jti": 1,
+        "redeemed_though_revoked_or_deactivated": 1, "unexplained_5xx": 1, "unexplained_connection_errors": 1,
+        "session_defects": 1, "gateway_log_errors": 3, "fault_checks_failed": 1,
+    }  # fmt: skip
+    assert results["grants"]["lost"] == {"lost": "unseen", "wrong": "wrong_jti"}
+    assert results["rss_growth_ratio"] == 1.0 and results["growth_judged_series"] == ["A"]
+    assert len(failed(results)) == 8
+    text = summary(results)
+    assert "FAIL" in text and "live after idle limit" in text and "lost unseen" in text
+    json.dumps(results)
