@@ -332,6 +332,24 @@ class Driver:
         return lanes
 
     # -- mints and redemptions -----------------------------------------------------------------------------------
+    async def mint_native(
+        self, kind: str, target: Target, body: dict[str, Any], credential: str
+    ) -> dict[str, Any] | None:
+        """``POST /v1/grants`` of ``body`` as ``credential``, recorded under ``kind``: the grant's JSON, or None."""
+        answer = await self.call(
+            kind,
+            "POST",
+            target,
+            "/v1/grants",
+            data=json.dumps(body),
+            headers={"Authorization": f"Bearer {credential}", "Content-Type": "application/json"},
+            layers=["redis"],
+            shapes=["problem"],
+            judge=lambda a: "minted" if a.status == 201 else str(a.status),
+        )
+        data: dict[str, Any] | None = answer.json() if answer.status == 201 else None
+        return data or None
+
     async def mint(self, dialect: str, target: Target) -> tuple[str, str, str] | None:
         """Mint one grant in ``dialect``: (token, the login path, the app), or None when it was not minted."""
         kind = f"mint.{dialect}"
@@ -404,18 +422,7 @@ class Driver:
         app = self.random.choice(["control-panel", "analytics"])
         credential = MANAGER if app == "control-panel" else PYRAMID_ADMIN
         subject = "505" if app == "control-panel" else "jdoe"
-        answer = await self.call(
-            kind,
-            "POST",
-            target,
-            "/v1/grants",
-            data=json.dumps({"app": app, "subject": subject}),
-            headers={"Authorization": f"Bearer {credential}", "Content-Type": "application/json"},
-            layers=["redis"],
-            shapes=shapes,
-            judge=ok,
-        )
-        data = answer.json() if answer.status == 201 else None
+        data = await self.mint_native(kind, target, {"app": app, "subject": subject}, credential)
         if not data:
             return None
         parts = urlsplit(data["login_url"])
@@ -663,19 +670,9 @@ class Driver:
     # -- sessions ------------------------------------------------------------------------------------------------
     async def start_session(self, target: Target, subject: str, mode: str = "full") -> tuple[str, str, float] | None:
         """Mint (native, for ``switch``) and redeem: the session cookie, the session id and when it started."""
-        body = json.dumps({"app": "switch", "subject": subject, "mode": mode})
-        answer = await self.call(
-            "session.mint",
-            "POST",
-            target,
-            "/v1/grants",
-            data=body,
-            layers=["redis"],
-            headers={"Authorization": f"Bearer {DENOVOLAB_ADMIN}", "Content-Type": "application/json"},
-            shapes=["problem"],
-            judge=lambda a: "minted" if a.status == 201 else str(a.status),
+        data = await self.mint_native(
+            "session.mint", target, {"app": "switch", "subject": subject, "mode": mode}, DENOVOLAB_ADMIN
         )
-        data = answer.json() if answer.status == 201 else None
         if not data:
             return None
         gid = data["grant_id"]
@@ -915,18 +912,7 @@ class Driver:
         subject = next(self._revoke_subjects)
         target = self.target()
         body = json.dumps({"app": "control-panel", "subject": subject})
-        answer = await self.call(
-            "mint.native",
-            "POST",
-            target,
-            "/v1/grants",
-            data=body,
-            layers=["redis"],
-            headers={"Authorization": f"Bearer {MANAGER}", "Content-Type": "application/json"},
-            shapes=["problem"],
-            judge=lambda a: "minted" if a.status == 201 else str(a.status),
-        )
-        data = answer.json() if answer.status == 201 else None
+        data = await self.mint_native("mint.native", target, {"app": "control-panel", "subject": subject}, MANAGER)
         if not data:
             return
         gid = data["grant_id"]
@@ -993,18 +979,7 @@ class Driver:
         if uid is None:
             return
         target = self.target()
-        body = json.dumps({"app": "analytics", "subject": name})
-        minted = await self.call(
-            "mint.native",
-            "POST",
-            target,
-            "/v1/grants",
-            data=body,
-            layers=["redis"],
-            headers={"Authorization": f"Bearer {PYRAMID_ADMIN}", "Content-Type": "application/json"},
-            shapes=["problem"],
-            judge=lambda a: "minted" if a.status == 201 else str(a.status),
-        )
+        data = await self.mint_native("mint.native", target, {"app": "analytics", "subject": name}, PYRAMID_ADMIN)
         patch = {
             "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
             "Operations": [{"op": "replace", "path": "displayName", "value": name + " renamed"}],
@@ -1030,7 +1005,6 @@ class Driver:
             layers=["redis"],
             shapes=["scim"],
         )
-        data = minted.json() if minted.status == 201 else None
         if data:
             gid = data["grant_id"]
             expect = "deactivated" if deactivated.status == 200 else None
