@@ -3,13 +3,17 @@ explains it, which grants were redeemed twice or lost, the growth of RSS and fds
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import time
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+import soak.faults
 from soak.driver import Answer, Driver, redemption_outcome, shape_of
-from soak.faults import CLIENT, SERIAL, plan
+from soak.faults import BESIDE, CLIENT, SERIAL, Faults, Plan, plan
 from soak.ledger import Failure, FaultWindow, Ledger, explain, growth, growth_results, percentile
 from soak.report import MUST_BE_ZERO, build, failed, summary
 
@@ -299,3 +303,27 @@ def test_the_results_hold_every_must_be_zero_key_and_count_what_went_wrong() -> 
     text = summary(results)
     assert "FAIL" in text and "live after idle limit" in text and "lost unseen" in text
     json.dumps(results)
+
+
+async def test_the_lanes_play_one_fault_at_a_time_slow_loris_headers_aside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client fault played while an app fault refused connections judged the refusal: the lanes take turns."""
+    started = time.monotonic()
+
+    class Clock:
+        def now(self) -> float:
+            return time.monotonic() - started
+
+    spans: list[tuple[float, float, str]] = []
+    faults = Faults(Clock(), None, None, Plan(0.0, 0.0, (0.0,), (0.01,), 0.0))  # type: ignore[arg-type]
+
+    async def play(name: str) -> None:
+        began = faults.now()
+        await asyncio.sleep(0.05)
+        spans.append((began, faults.now(), name))
+
+    monkeypatch.setattr(faults, "play", play)
+    monkeypatch.setattr(soak.faults, "nominal", lambda name: 0.0)
+    await asyncio.gather(faults.serial_lane(), faults.client_lane())
+    played = sorted(s for s in spans if s[2] not in BESIDE)
+    assert {name for _, _, name in played} == {*SERIAL, *CLIENT} - BESIDE
+    assert all(one[1] <= other[0] for one, other in itertools.pairwise(played)), played
