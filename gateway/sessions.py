@@ -94,7 +94,7 @@ _BUTTON_STYLE = (
 )
 
 
-@functools.lru_cache(maxsize=1024)  # a session's pages all carry the same one
+@functools.lru_cache(maxsize=256)  # a session's pages all carry the same one (the busiest sessions' banners)
 def banner(actor: str, subject: str, until_ms: int, mount: str = "") -> str:
     """The notice put into a session's HTML pages (DESIGN §13): who acts as whom, until when (the cap, ``HH:MM
     UTC``), and an End button, a form posting to ``/_impersonation/end`` below the app's ``mount`` (no script
@@ -162,7 +162,7 @@ def parse_set_cookie(header: str, now: float) -> SetCookie | None:
     return SetCookie(name, value, http_only, path, domain, max_age if max_age is not None else expires)
 
 
-@functools.lru_cache(maxsize=4096)  # a session's every request reads the same grant
+@functools.lru_cache(maxsize=256)  # a session's every request reads the same grant (an entry weighs ~5 KB)
 def _grant(grant_id: str, data: bytes) -> Grant:
     from .core import Grant
 
